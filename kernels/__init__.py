@@ -1,0 +1,21 @@
+"""Fused log-prob kernels (installed as ``selfrefine_dist.kernels``).
+
+- ``token_logprobs(logits, targets)``: log softmax(logits)[targets] without an fp32 [N x V] tensor.
+- ``fused_linear_token_logprobs(hidden, lm_head_weight, targets)``: the same from hidden
+  states, chunked over tokens so the full logits never exist; ZeRO-3 aware.
+- ``reference``: the plain torch definitions both are tested against.
+
+Triton runs on CUDA tensors; CPU tensors take an equivalent chunked torch path.
+"""
+from .fused_linear_logprobs import fused_linear_token_logprobs
+from .reference import naive_linear_token_logprobs, naive_token_logprobs
+from .token_logprobs import token_logprobs
+from .zero3 import gathered_weight
+
+__all__ = [
+    "fused_linear_token_logprobs",
+    "gathered_weight",
+    "naive_linear_token_logprobs",
+    "naive_token_logprobs",
+    "token_logprobs",
+]

@@ -1,0 +1,1 @@
+"""Reasoning data: task registry, sources, SFT tokenization, demonstration filtering."""

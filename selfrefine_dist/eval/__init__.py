@@ -1,0 +1,1 @@
+"""Evaluation: greedy answers on registered tasks, accuracy with bootstrap intervals."""

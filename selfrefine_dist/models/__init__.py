@@ -1,0 +1,1 @@
+"""Model and tokenizer loading, the packaged SmolLM2 model, tiny test models."""

@@ -1,0 +1,12 @@
+"""Rewards: extract a completion's final answer and check it against the gold answer.
+
+    >>> from selfrefine_dist.rewards import check_answer
+    >>> check_answer("... 9 * 2 = 18. The answer is 18.", "18", "number").score
+    1.0
+
+See ``check.py`` for the verdicts, ``extract.py`` and ``choice.py`` for how answers are found,
+and ``math_process.py`` for the timeout.
+"""
+from .check import ANSWER_TYPES, REASONS, RewardResult, check_answer, extract_gsm8k_gold
+
+__all__ = ["ANSWER_TYPES", "REASONS", "RewardResult", "check_answer", "extract_gsm8k_gold"]

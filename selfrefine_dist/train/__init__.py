@@ -1,0 +1,1 @@
+"""Learners: distributed set-up, DeepSpeed configs, SFT, checkpoints, export."""

@@ -1,0 +1,176 @@
+"""Supervised fine-tuning on teacher demonstrations, on DeepSpeed (ZeRO-3 by default).
+
+Run it through the CLI, which starts one process per learner:
+
+    selfrefine sft --config configs/sft_smollm2_cpu.yaml distributed.nproc_per_node=2
+
+or under an external launcher (several machines):
+
+    deepspeed --hostfile hostfile --module selfrefine_dist.cli sft --config configs/x.yaml
+
+The loss is the mean negative log-likelihood over all response tokens of an
+optimizer step (every micro-batch and rank together), so the gradient does not
+depend on how the step is split into micro-batches or accumulation steps.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+
+from selfrefine_dist.config import Config
+from selfrefine_dist.data.demonstrations import select_demonstrations
+from selfrefine_dist.data.records import ReasoningExample
+from selfrefine_dist.data.sft_dataset import build_sft_examples, collate
+from selfrefine_dist.data.sources import load_examples
+from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from selfrefine_dist.models.logprobs import causal_token_logprobs
+from selfrefine_dist.tracking import MetricsLogger
+from selfrefine_dist.train import distributed as dist
+from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
+from selfrefine_dist.train.ds_config import deepspeed_config
+from selfrefine_dist.train.export import export_hf
+from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
+
+
+def load_train_examples(cfg: Config) -> List[ReasoningExample]:
+    examples: List[ReasoningExample] = []
+    for ds in cfg.data.train:
+        examples += load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
+    return examples
+
+
+def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
+    """Demonstrations that pass the answer check, tokenized; reports go to ``out_dir``."""
+    examples = load_train_examples(cfg)
+    if cfg.data.prompt_style == "cot":
+        examples, demo_report = select_demonstrations(examples)
+    else:
+        demo_report = None
+    sft_examples, tok_report = build_sft_examples(examples, tokenizer, cfg.data.max_len, cfg.data.prompt_style)
+    report = {"demonstrations": demo_report.as_dict() if demo_report else None, "tokenize": tok_report.as_dict()}
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "data_report.json").write_text(json.dumps(report, indent=2))
+        if demo_report:
+            dist.print0(demo_report.summary())
+        dist.print0(f"sft examples: {tok_report.kept} (dropped: {tok_report.dropped or 'none'}, max_len {cfg.data.max_len})")
+    return sft_examples, report
+
+
+def build_engine(cfg: Config, num_examples: int):
+    """Model (+LoRA), optimizer, LR schedule, wrapped in a DeepSpeed engine."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_cfg = deepspeed_config(
+        cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.distributed.zero_stage,
+        cfg.model.dtype, cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
+    )
+    # While this object lives, from_pretrained loads ZeRO-3 partitions directly (no full copy per rank).
+    hf_ds_config = HfDeepSpeedConfig(ds_cfg) if cfg.distributed.zero_stage == 3 else None
+    model = load_causal_lm(resolve_model_path(cfg.model.name_or_path), "fp32", cfg.model.trust_remote_code,
+                           cfg.model.revision)
+    del hf_ds_config  # later from_config calls (export) must build ordinary models
+    if cfg.sft.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.sft.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.sft.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    plan = BatchPlan(num_examples, cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.run.seed)
+    total_steps = plan.total_steps(cfg.sft.epochs, cfg.sft.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.sft.lr, betas=tuple(cfg.sft.adam_betas),
+                                  weight_decay=cfg.sft.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupThenDecay(cfg.sft.warmup_steps, total_steps, cfg.sft.lr_schedule)
+    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    return engine, plan, total_steps
+
+
+def run_sft(cfg: Config, run_dir: Path) -> Path:
+    """Train, checkpoint, resume, export. Returns the exported model folder."""
+    dist.init_distributed(cfg.distributed.backend)
+    torch.manual_seed(cfg.run.seed)
+    out_dir = Path(run_dir) / "sft"
+    ckpt_dir, model_dir = out_dir / "checkpoints", out_dir / "model"
+    logger = MetricsLogger(run_dir, enabled=dist.is_main(), wandb_mode=cfg.logging.wandb_mode,
+                           wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name)
+
+    # ---- data
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code,
+                               cfg.model.revision)
+    sft_examples, _ = prepare_sft_data(cfg, tokenizer, out_dir)
+
+    # ---- model, optimizer, schedule
+    engine, plan, total_steps = build_engine(cfg, len(sft_examples))
+    start_step = 0
+    resume_from = latest_step(ckpt_dir)
+    if resume_from is not None:
+        state = load_checkpoint(engine, ckpt_dir, resume_from)
+        start_step = state["global_step"]
+        dist.print0(f"resumed from {ckpt_dir}/step_{resume_from:08d} (step {start_step} of {total_steps})")
+    dist.print0(f"sft: {len(sft_examples)} examples, {plan.steps_per_epoch} steps/epoch, {total_steps} steps, "
+                f"global batch {plan.global_batch_size}, world {dist.world_size()}, zero stage {cfg.distributed.zero_stage}")
+
+    # ---- train
+    stop_at = min(total_steps, cfg.sft.stop_at_step or total_steps)
+    progress = _progress(range(start_step, stop_at), total_steps, start_step, cfg.logging.progress_bars)
+    engine.train()
+    for step in progress:
+        t0 = time.perf_counter()
+        micro_batches = [collate([sft_examples[i] for i in idx], tokenizer.pad_token_id)
+                         for idx in plan.micro_batches(step, dist.rank())]
+        step_response_tokens = dist.all_reduce_sum(sum(b.num_response_tokens for b in micro_batches), engine.device)
+        # engine.backward divides by grad_accum and gradients are averaged over ranks: undo both so the
+        # step's gradient is d(sum of NLL over the whole step) / (response tokens of the whole step).
+        scale = plan.grad_accum * dist.world_size() / step_response_tokens
+        nll_sum, tokens, lr = 0.0, 0, engine.get_lr()[0]
+        for batch in micro_batches:
+            batch_on = {k: v.to(engine.device) for k, v in
+                        dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).items()}
+            logps = causal_token_logprobs(engine, **batch_on)
+            nll = -logps.sum()
+            engine.backward(nll * scale)
+            engine.step()
+            nll_sum += nll.item()
+            tokens += int(batch.attention_mask.sum())
+        elapsed = time.perf_counter() - t0
+        all_tokens = dist.all_reduce_sum(tokens, engine.device)
+        loss = dist.all_reduce_sum(nll_sum, engine.device) / step_response_tokens
+        metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
+                   "tokens_per_s": all_tokens / elapsed, "step_s": elapsed, "epoch": step // plan.steps_per_epoch}
+        if (step + 1) % cfg.sft.log_every == 0 or step + 1 == stop_at:
+            logger.log(metrics, step=step + 1, stage="sft")
+        if hasattr(progress, "set_postfix"):
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if (cfg.sft.save_every and (step + 1) % cfg.sft.save_every == 0) or step + 1 == stop_at:
+            save_checkpoint(engine, ckpt_dir, step + 1, {"global_step": step + 1, "total_steps": total_steps},
+                            cfg.sft.keep_checkpoints)
+
+    finished = latest_step(ckpt_dir) == total_steps or start_step == total_steps
+    if finished:
+        export_hf(engine.module, tokenizer, model_dir)
+        dist.print0(f"exported {model_dir}")
+    logger.finish()
+    return model_dir
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")
+
+
+def _progress(steps, total, start, enabled):
+    if not (enabled and dist.is_main()):
+        return steps
+    from tqdm import tqdm
+
+    return tqdm(steps, total=total, initial=start, desc="sft", dynamic_ncols=True)
