@@ -43,8 +43,9 @@ class ModelConfig:
     revision: Optional[str] = None
     # Off unless the user turns it on: a hub repo's own Python is model output's cousin.
     trust_remote_code: bool = False
-    # Compute/parameter dtype of the learner. bf16 also runs on CPUs with AVX-512 BF16.
-    dtype: str = choice("bf16", "bf16", "fp32", "fp16")
+    # Compute/parameter dtype of the learner. auto: bf16 on GPUs that support it and on CPUs
+    # with AVX-512 BF16 or AMX; fp32 elsewhere (an AVX2-only CPU multiplies bf16 50x slower).
+    dtype: str = choice("auto", "auto", "bf16", "fp32", "fp16")
 
 
 @dataclass

@@ -11,6 +11,24 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 PACKAGED_MODELS = {"pypi:smollm2-135m-instruct"}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU features that make bf16 matmuls faster than fp32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """``auto`` becomes the fastest safe training dtype of this machine."""
+    if dtype != "auto":
+        return dtype
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A hub id or folder stays as it is; ``pypi:`` names become a converted local folder."""
     if name_or_path.startswith("pypi:"):

@@ -37,9 +37,12 @@ def build_tiny_tokenizer(out_dir: Path, corpus: Iterable[str], vocab_size: int =
     return fast
 
 
-def build_tiny_llama(out_dir: Path, corpus: Iterable[str], seed: int = 0, hidden_size: int = 64, layers: int = 2,
+def build_tiny_llama(out_dir: Path, corpus: Iterable[str], seed: int = 0, hidden_size: int = 128, layers: int = 2,
                      vocab_size: int = 512, tie_word_embeddings: bool = True) -> Path:
-    """Save a tiny LlamaForCausalLM and its tokenizer into ``out_dir``."""
+    """Save a tiny LlamaForCausalLM and its tokenizer into ``out_dir``.
+
+    Heads are 64 wide: vLLM's CPU attention kernels support only some head sizes (not 16).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +51,7 @@ def build_tiny_llama(out_dir: Path, corpus: Iterable[str], seed: int = 0, hidden
     tokenizer = build_tiny_tokenizer(out_dir, corpus, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        num_hidden_layers=layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1, max_position_embeddings=1024,
         tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )

@@ -26,7 +26,7 @@ from selfrefine_dist.data.demonstrations import select_demonstrations
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import build_sft_examples, collate
 from selfrefine_dist.data.sources import load_examples
-from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from selfrefine_dist.models.logprobs import causal_token_logprobs
 from selfrefine_dist.tracking import MetricsLogger
 from selfrefine_dist.train import distributed as dist
@@ -68,7 +68,7 @@ def build_engine(cfg: Config, num_examples: int):
 
     ds_cfg = deepspeed_config(
         cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.distributed.zero_stage,
-        cfg.model.dtype, cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
+        resolve_dtype(cfg.model.dtype), cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
     )
     # While this object lives, from_pretrained loads ZeRO-3 partitions directly (no full copy per rank).
     hf_ds_config = HfDeepSpeedConfig(ds_cfg) if cfg.distributed.zero_stage == 3 else None
@@ -118,7 +118,8 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
         start_step = state["global_step"]
         dist.print0(f"resumed from {ckpt_dir}/step_{resume_from:08d} (step {start_step} of {total_steps})")
     dist.print0(f"sft: {len(sft_examples)} examples, {plan.steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"global batch {plan.global_batch_size}, world {dist.world_size()}, zero stage {cfg.distributed.zero_stage}")
+                f"global batch {plan.global_batch_size}, world {dist.world_size()}, zero stage {cfg.distributed.zero_stage}, "
+                f"dtype {resolve_dtype(cfg.model.dtype)}")
 
     # ---- train
     stop_at = min(total_steps, cfg.sft.stop_at_step or total_steps)

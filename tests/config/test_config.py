@@ -63,7 +63,7 @@ def test_wrong_type_bool():
 
 
 def test_choice_field_rejects_other_values():
-    with pytest.raises(ConfigError, match=r"model\.dtype.*'bf16', 'fp32', 'fp16'.*'bf17'"):
+    with pytest.raises(ConfigError, match=r"model\.dtype.*'auto', 'bf16', 'fp32', 'fp16'.*'bf17'"):
         load_config(None, ["model.dtype=bf17"])
     with pytest.raises(ConfigError, match=r"data\.train\[0\]\.source"):
         load_config(None, ["data.train=[{task: gsm8k, source: web}]"])

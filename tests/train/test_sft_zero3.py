@@ -6,38 +6,15 @@ and resumed twice (mid-epoch and at an epoch boundary), and two runs that split
 the same global batch differently.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sft_cli import run_cli, sft_metrics
 
 pytestmark = pytest.mark.slow
-
-BASE = [
-    "data.train=[{task: gsm8k, source: offline, split: test, limit: 24}]",
-    "data.max_len=1024",
-    "model.dtype=fp32",
-    "sft.lr=2e-3", "sft.lr_schedule=constant", "sft.epochs=2",
-    "distributed.nproc_per_node=2",
-    "logging.progress_bars=false",
-]
-
-
-def run_cli(run_dir: Path, model_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "selfrefine_dist.cli", "sft", f"run.dir={run_dir}",
-           f"model.name_or_path={model_dir}", *BASE, *overrides]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-4000:]}\n--- stderr\n{out.stderr[-6000:]}"
-
-
-def sft_metrics(run_dir: Path) -> dict:
-    """step -> metrics of the SFT stage; a step logged twice (resumed runs) keeps its last record."""
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if r["stage"] == "sft"}
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +88,22 @@ def test_exported_model_loads_and_generates(reference_run, tiny_model_dir):
     prompt = tokenizer("Natalia sold clips", return_tensors="pt")
     out = trained.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_vllm_loads_the_exported_model(reference_run):
+    from transformers import AutoModelForCausalLM
+
+    exported = reference_run / "sft" / "model"
+    script = Path(__file__).with_name("vllm_prompt_logprobs.py")
+    out = subprocess.run([sys.executable, str(script), str(exported), "Natalia sold clips to 48 of her friends"],
+                         capture_output=True, text=True, timeout=600)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    # vLLM's log-probs of the prompt tokens equal transformers' on the same exported weights
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    ids = torch.tensor([result["token_ids"]])
+    with torch.no_grad():
+        logps = torch.log_softmax(model(ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+    assert torch.allclose(torch.tensor(result["logprobs"][1:]), logps, atol=2e-3)
+    assert len(result["generated"]) == 4
