@@ -11,19 +11,11 @@ from pathlib import Path
 from typing import List
 
 from selfrefine_dist.config import Config
-from selfrefine_dist.data.records import ReasoningExample
-from selfrefine_dist.data.sources import load_examples
+from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.eval.evaluate import EvalResult, comparison_table, evaluate_hf_model, write_result
 from selfrefine_dist.launch import run_learners
 from selfrefine_dist.models.loading import resolve_model_path
 from selfrefine_dist.tracking import MetricsLogger
-
-
-def load_eval_examples(cfg: Config) -> List[ReasoningExample]:
-    examples: List[ReasoningExample] = []
-    for ds in cfg.data.eval:
-        examples += load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
-    return examples
 
 
 def train_tasks(cfg: Config) -> List[str]:
@@ -33,7 +25,7 @@ def train_tasks(cfg: Config) -> List[str]:
 def run_eval_stage(cfg: Config, run_dir: Path, label: str, model_path: str, logger: MetricsLogger) -> EvalResult:
     t0 = time.perf_counter()
     result = evaluate_hf_model(
-        label, model_path, load_eval_examples(cfg), train_tasks(cfg), cfg.eval.max_new_tokens, cfg.eval.batch_size,
+        label, model_path, load_slices(cfg.data.eval), train_tasks(cfg), cfg.eval.max_new_tokens, cfg.eval.batch_size,
         cfg.eval.bootstrap_samples, cfg.model.trust_remote_code, cfg.logging.progress_bars,
     )
     write_result(result, run_dir / "eval")

@@ -44,6 +44,14 @@ def load_examples(
     return examples[offset:end]
 
 
+def load_slices(slices) -> List[ReasoningExample]:
+    """Concatenate several ``DatasetConfig`` slices (task, source, split, path, offset, limit)."""
+    examples: List[ReasoningExample] = []
+    for ds in slices:
+        examples += load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
+    return examples
+
+
 # ---------------------------------------------------------------------------
 # Hugging Face hub (the path for online users; not reachable on offline machines).
 

@@ -17,15 +17,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import List
-
 import torch
 
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.demonstrations import select_demonstrations
-from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import build_sft_examples, collate
-from selfrefine_dist.data.sources import load_examples
+from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from selfrefine_dist.models.logprobs import causal_token_logprobs
 from selfrefine_dist.tracking import MetricsLogger
@@ -36,16 +33,9 @@ from selfrefine_dist.train.export import export_hf
 from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
 
 
-def load_train_examples(cfg: Config) -> List[ReasoningExample]:
-    examples: List[ReasoningExample] = []
-    for ds in cfg.data.train:
-        examples += load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
-    return examples
-
-
 def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
     """Demonstrations that pass the answer check, tokenized; reports go to ``out_dir``."""
-    examples = load_train_examples(cfg)
+    examples = load_slices(cfg.data.train)
     if cfg.data.prompt_style == "cot":
         examples, demo_report = select_demonstrations(examples)
     else:

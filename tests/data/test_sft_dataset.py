@@ -1,7 +1,6 @@
 """SFT tokenization: chat template from the tokenizer, loss on response tokens only, long rows dropped."""
 import pytest
 
-from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import build_sft_examples, collate, render_prompt, tokenize_pair
 from selfrefine_dist.data.sources import load_examples
 from selfrefine_dist.data.tasks import get_task
