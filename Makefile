@@ -40,7 +40,7 @@ demo: install
 	$(BIN)/selfrefine run --config configs/demo_cpu.yaml
 
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/pytest tests -q -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs

@@ -7,15 +7,21 @@
 
 Triton runs on CUDA tensors; CPU tensors take an equivalent chunked torch path.
 """
-from .fused_linear_logprobs import fused_linear_token_logprobs
-from .reference import naive_linear_token_logprobs, naive_token_logprobs
-from .token_logprobs import token_logprobs
-from .zero3 import gathered_weight
 
-__all__ = [
-    "fused_linear_token_logprobs",
-    "gathered_weight",
-    "naive_linear_token_logprobs",
-    "naive_token_logprobs",
-    "token_logprobs",
-]
+# This folder installs as ``selfrefine_dist.kernels``. Python can also find it as a top-level
+# ``kernels`` when the checkout's root is on sys.path (``python -m ...`` run from the root), and
+# transformers imports ``kernels`` to probe for Hugging Face's hub-kernels package. Under that
+# name it stays an empty module, so the probe finds nothing usable and imports nothing of ours.
+if __name__ == "selfrefine_dist.kernels":
+    from .fused_linear_logprobs import fused_linear_token_logprobs
+    from .reference import naive_linear_token_logprobs, naive_token_logprobs
+    from .token_logprobs import token_logprobs
+    from .zero3 import gathered_weight
+
+    __all__ = [
+        "fused_linear_token_logprobs",
+        "gathered_weight",
+        "naive_linear_token_logprobs",
+        "naive_token_logprobs",
+        "token_logprobs",
+    ]
