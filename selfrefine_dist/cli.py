@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     from selfrefine_dist.run_dir import resolve_run_dir, write_resolved_config
 
     run_dir = resolve_run_dir(cfg, args.config)
+    cfg.run.dir = str(run_dir)  # the resolved config names its run directory, for learners and reruns
     if args.command == "sft":
         if not under_launcher() and (cfg.distributed.nproc_per_node > 1 or cfg.distributed.launcher == "deepspeed"):
             config_file = write_resolved_config(cfg, run_dir)
