@@ -1,0 +1,1 @@
+"""Benchmarks that print tables (run as modules); not part of the test suite."""
