@@ -8,20 +8,23 @@
     grad_W      = dlogits.T @ hidden                               [V, H]
 
 Memory. Only tokens whose target is not ``ignore_index`` are projected: prompt and padding
-positions cost neither FLOPs nor memory. The forward chunks over tokens: ``chunk_tokens``
-valid tokens at a time get their full [chunk x V] logits, folded into log-probs and a
-per-token log-sum-exp [N], the only thing kept for the backward (Liger's fused DPO loss
-chunks over the batch instead, so it holds 2 x T x V logits per pair). The backward
-recomputes the logits tile by tile ([token chunk x vocabulary block], within the same
-byte budget), turns each tile into dlogits in place and applies both matmuls. Iterating
-vocabulary blocks outermost means each block of grad_W is finished before the next one
-starts, so it is written once, and for a bf16/fp16 weight it is summed over token chunks
-in a small fp32 block buffer instead of a [V, H] fp32 copy. Extra memory: one [chunk x V]
-buffer in the forward, one tile and the weight gradient in the backward, instead of
-several [N x V] fp32 tensors.
+positions cost neither FLOPs nor memory. Nothing of size [N x V] is kept: the forward
+keeps a per-token log-sum-exp [N] for the backward, the backward recomputes the logits.
+Both work on [token chunk x vocabulary block] tiles of one byte budget
+(``token_logprobs.TORCH_CHUNK_BYTES``). Torch path: the forward reduces each tile with an
+online log-sum-exp (running max and rescaled sum across vocabulary blocks); the Triton path
+projects full-vocabulary chunks and reduces them with the row kernel. The backward turns
+each recomputed tile into dlogits in place and applies both matmuls; iterating vocabulary
+blocks outermost finishes each block of grad_W before the next starts, so for a bf16/fp16
+weight it is summed over token chunks in a small fp32 block buffer, not a [V, H] fp32 copy.
+Extra memory: one tile, plus the weight gradient in the backward (Liger's fused DPO loss
+chunks over the batch instead, so it holds 2 x T x V logits per pair).
 
 Cost: one more matmul than the naive path (the recomputation), the price of not storing
-[N x V] anything; the three others are the same.
+[N x V] anything; the three others are the same. A frozen head (LoRA, the tied embedding
+of a LoRA model) needs only grad_hidden = -g/T * (softmax @ W - W[targets]): the forward
+accumulates softmax @ W tile by tile (rescaled online like the sum), the backward is
+elementwise, two matmuls in all, as in the naive path.
 
 Precision. Logits are produced in the inputs' dtype (what ``hidden @ W.T`` gives a model);
 softmax statistics and all accumulations across tiles (grad_hidden over vocabulary blocks,
@@ -32,14 +35,15 @@ the logits buffer (the backward kernel overwrites it with dlogits in place); ``t
 (CPU) runs the same math with in-place torch ops. ``backend="auto"`` chooses by device.
 
 ZeRO-3: a partitioned weight is gathered around the autograd call, again inside the
-backward, and held until its gradient is accumulated (see ``zero3.py``).
+backward, and held until its gradient is accumulated (see ``zero3.py``); a frozen head is
+gathered in the forward only.
 """
 from __future__ import annotations
 
 import torch
 
 from . import token_logprobs as _rows
-from .token_logprobs import chunk_grad_logits_, chunk_logprobs_, resolve_backend, rows_per_chunk
+from .token_logprobs import chunk_grad_logits_, resolve_backend, rows_per_chunk
 from .zero3 import gathered_weight, hold_gathered_for_accumulation
 
 # Vocabulary columns of a backward tile are at least this many (unless V is smaller), so
@@ -76,11 +80,13 @@ class _Scratch:
 
 
 def _forward_chunks(hidden, weight, targets, inv_temperature, backend, chunk_tokens):
-    """hidden [n, H] (valid tokens only), weight [V, H], targets [n] -> (logprobs [n], lse [n]), fp32."""
+    """Triton path. hidden [n, H] (valid tokens only), weight [V, H], targets [n] -> (logprobs [n], lse [n]), fp32.
+
+    Each chunk of ``chunk_tokens`` tokens gets its full [chunk x V] logits, reduced by the row kernel.
+    """
     n, vocab_size = hidden.shape[0], weight.shape[0]
-    stats_dtype = torch.promote_types(hidden.dtype, torch.float32)
-    logprobs = hidden.new_empty(n, dtype=stats_dtype)
-    lse = hidden.new_empty(n, dtype=stats_dtype)
+    logprobs = hidden.new_empty(n, dtype=torch.float32)
+    lse = hidden.new_empty(n, dtype=torch.float32)
     if n == 0:
         return logprobs, lse
     chunk_tokens = min(chunk_tokens, n)
@@ -89,18 +95,68 @@ def _forward_chunks(hidden, weight, targets, inv_temperature, backend, chunk_tok
     for start in range(0, n, chunk_tokens):
         end = min(start + chunk_tokens, n)
         logits = scratch.project(hidden[start:end], weight)
-        if backend == "triton":
-            _rows.triton_forward_rows(logits, targets[start:end], all_rows[: end - start],
-                                      logprobs[start:end], lse[start:end], inv_temperature)
-        else:
-            chunk_lp, chunk_lse = chunk_logprobs_(scratch.compute_view(logits), targets[start:end], inv_temperature)
-            logprobs[start:end] = chunk_lp
-            lse[start:end] = chunk_lse
+        _rows.triton_forward_rows(logits, targets[start:end], all_rows[: end - start],
+                                  logprobs[start:end], lse[start:end], inv_temperature)
     return logprobs, lse
 
 
-def _backward_tile_shape(n: int, vocab_size: int, chunk_tokens: int | None) -> tuple[int, int]:
-    """(tokens, vocabulary columns) of a backward tile of about TORCH_CHUNK_BYTES in fp32."""
+def _forward_tiles(hidden, weight, targets, inv_temperature, chunk_tokens, frozen_weight_grad):
+    """Torch path: online log-sum-exp over [tokens x vocabulary] tiles (the backward's tiles).
+
+    hidden [n, H] (valid tokens only), weight [V, H], targets [n] -> (logprobs [n], lse [n],
+    hidden_grad_basis [n, H] or None), statistics in fp32 (fp64 for fp64 inputs).
+
+    Tiles rather than full-vocabulary rows: within the same byte budget the matmuls keep
+    thousands of tokens on their row side (full rows of V=151936 allow ~220).
+
+    ``frozen_weight_grad`` (the weight needs no gradient, the hidden states do): also
+    accumulate E[n] = softmax(logits[n] / T) @ W, rescaled online like the sum, and return
+    E - W[targets]; then d logp[n] / d hidden[n] = -(E[n] - W[targets[n]]) / T, and the
+    backward needs no matmul and no weight at all (two matmuls in all instead of three).
+    """
+    n, vocab_size = hidden.shape[0], weight.shape[0]
+    stats_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    running_max = hidden.new_full((n,), float("-inf"), dtype=stats_dtype)
+    running_sum = hidden.new_zeros(n, dtype=stats_dtype)
+    target_logit = hidden.new_zeros(n, dtype=stats_dtype)
+    basis = hidden.new_zeros((n, hidden.shape[1]), dtype=stats_dtype) if frozen_weight_grad else None
+    if n == 0:
+        return target_logit, running_sum, basis
+    tile_tokens, tile_vocab = _tile_shape(n, vocab_size, chunk_tokens)
+    scratch = _Scratch(hidden, tile_tokens * tile_vocab, "torch")
+    for v_start in range(0, vocab_size, tile_vocab):
+        v_end = min(v_start + tile_vocab, vocab_size)
+        weight_block = weight[v_start:v_end]
+        for t_start in range(0, n, tile_tokens):
+            t_end = min(t_start + tile_tokens, n)
+            logits = scratch.project(hidden[t_start:t_end], weight_block)
+            tile = scratch.compute_view(logits)
+            if inv_temperature != 1.0:
+                tile.mul_(inv_temperature)
+            local_targets = targets[t_start:t_end] - v_start
+            in_tile = ((local_targets >= 0) & (local_targets < v_end - v_start)).nonzero().squeeze(1)
+            target_logit[t_start + in_tile] = tile[in_tile, local_targets[in_tile]]
+            old_max = running_max[t_start:t_end]
+            new_max = torch.maximum(old_max, tile.amax(dim=1))
+            rescale = (old_max - new_max).exp_()  # 0 on the first tile (exp(-inf))
+            tile.sub_(new_max.unsqueeze(1)).exp_()  # exp(x - max), in place
+            running_sum[t_start:t_end] = running_sum[t_start:t_end] * rescale + tile.sum(dim=1)
+            running_max[t_start:t_end] = new_max
+            if basis is not None:
+                block_basis = basis[t_start:t_end].mul_(rescale.unsqueeze(1))
+                if tile is not logits:
+                    logits.copy_(tile)  # matmuls cannot mix dtypes
+                _add_product_(block_basis, logits, weight_block)
+    if basis is not None:
+        basis.div_(running_sum.unsqueeze(1)).sub_(weight.index_select(0, targets).to(stats_dtype))
+    log_sum = running_sum.log_()
+    logprobs = (target_logit - running_max) - log_sum  # no cancellation, as in log_softmax
+    lse = running_max.add_(log_sum)
+    return logprobs, lse, basis
+
+
+def _tile_shape(n: int, vocab_size: int, chunk_tokens: int | None) -> tuple[int, int]:
+    """(tokens, vocabulary columns) of a tile of about TORCH_CHUNK_BYTES in fp32."""
     budget = max(1, _rows.TORCH_CHUNK_BYTES // 4)
     min_block = min(vocab_size, _MIN_VOCAB_BLOCK)
     tile_tokens = max(1, min(n, chunk_tokens or budget // min_block))
@@ -128,7 +184,7 @@ def _backward_tiles(hidden, weight, targets, lse, grad_logprobs, inv_temperature
     grad_weight = torch.zeros_like(weight) if needs_grad_weight else None
     if n == 0:
         return (None if grad_hidden is None else grad_hidden.to(hidden.dtype)), grad_weight
-    tile_tokens, tile_vocab = _backward_tile_shape(n, vocab_size, chunk_tokens)
+    tile_tokens, tile_vocab = _tile_shape(n, vocab_size, chunk_tokens)
     scratch = _Scratch(hidden, tile_tokens * tile_vocab, backend)
     all_rows = torch.arange(tile_tokens, device=hidden.device)
     half_weight = accumulate_dtype != weight.dtype
@@ -168,31 +224,49 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
     """hidden [N, H], weight [V, H], targets [N] -> logprobs [N] fp32 (0 where ignored)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, inv_temperature, backend, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, ignore_index, inv_temperature, backend, chunk_tokens,
+                frozen_weight_grad):
         rows = (targets != ignore_index).nonzero().squeeze(1)
         # Compact to the valid tokens once: [n, H] is small next to any [n, V] buffer.
         hidden_valid = hidden.index_select(0, rows)
         targets_valid = targets.index_select(0, rows)
+        hidden_grad_basis = None
         with gathered_weight(weight):
-            forward_rows = chunk_tokens or rows_per_chunk(weight.shape[0], 4)
-            logprobs_valid, lse = _forward_chunks(
-                hidden_valid, weight, targets_valid, inv_temperature, backend, forward_rows
-            )
-        logprobs = logprobs_valid.new_zeros(targets.shape[0])
+            if backend == "triton" and not frozen_weight_grad:
+                forward_rows = chunk_tokens or rows_per_chunk(weight.shape[0], 4)
+                logprobs_valid, lse = _forward_chunks(
+                    hidden_valid, weight, targets_valid, inv_temperature, backend, forward_rows
+                )
+            else:  # torch ops on tiles; on CUDA too for a frozen head (two matmuls, no row kernel needed)
+                logprobs_valid, lse, hidden_grad_basis = _forward_tiles(
+                    hidden_valid, weight, targets_valid, inv_temperature, chunk_tokens, frozen_weight_grad
+                )
+        logprobs = logprobs_valid.new_zeros(targets.shape[0])  # fp32 (fp64 for fp64 inputs: gradcheck)
         logprobs[rows] = logprobs_valid
-        ctx.save_for_backward(hidden_valid, targets_valid, rows, lse)
+        if hidden_grad_basis is not None:
+            # Frozen head: the backward needs only E - W[targets]; no weight, no recomputation.
+            ctx.save_for_backward(hidden_grad_basis, rows)
+        else:
+            ctx.save_for_backward(hidden_valid, targets_valid, rows, lse)
         # The weight is kept as the Parameter object, not via save_for_backward: under
         # ZeRO-3 its .data is swapped for an empty shard after the forward and must be
         # gathered again (through its ds_* attributes) in the backward.
         ctx.weight = weight
-        ctx.hidden_shape = hidden.shape
+        ctx.hidden_shape, ctx.hidden_dtype = hidden.shape, hidden.dtype
         ctx.inv_temperature, ctx.backend, ctx.chunk_tokens = inv_temperature, backend, chunk_tokens
+        ctx.frozen_weight_grad = hidden_grad_basis is not None
         return logprobs
 
     @staticmethod
     def backward(ctx, grad_logprobs):
-        hidden_valid, targets_valid, rows, lse = ctx.saved_tensors
         needs_grad_hidden, needs_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.frozen_weight_grad:
+            hidden_grad_basis, rows = ctx.saved_tensors
+            scale = grad_logprobs.index_select(0, rows).to(hidden_grad_basis.dtype) * -ctx.inv_temperature
+            grad_hidden = hidden_grad_basis.new_zeros(ctx.hidden_shape, dtype=ctx.hidden_dtype)
+            grad_hidden.index_copy_(0, rows, (hidden_grad_basis * scale.unsqueeze(1)).to(ctx.hidden_dtype))
+            return grad_hidden, None, None, None, None, None, None, None
+        hidden_valid, targets_valid, rows, lse = ctx.saved_tensors
         grad_valid = grad_logprobs.index_select(0, rows)
         # Gather even when this rank has no valid token: the other ranks' gathers are collectives.
         with gathered_weight(ctx.weight) as weight:
@@ -206,7 +280,7 @@ class FusedLinearTokenLogprobsFunction(torch.autograd.Function):
             grad_hidden.index_copy_(0, rows, grad_hidden_valid)
         if needs_grad_weight:
             hold_gathered_for_accumulation(ctx.weight)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_linear_token_logprobs(
@@ -229,7 +303,7 @@ def fused_linear_token_logprobs(
         temperature: divides the logits before the softmax (> 0).
         backend: 'auto' (Triton on CUDA, torch chunks elsewhere), 'triton' or 'torch'.
         chunk_tokens: valid tokens per forward chunk and per backward tile; the default
-            sizes both to ``token_logprobs.TORCH_CHUNK_BYTES`` (256 MiB) of fp32.
+            sizes both to ``token_logprobs.TORCH_CHUNK_BYTES`` (128 MiB) of fp32.
     Returns:
         [...] fp32 log-probs with the shape of ``targets``.
     """
@@ -242,6 +316,8 @@ def fused_linear_token_logprobs(
     backend = resolve_backend(hidden, backend)
     # Gather around apply(), not only inside forward(): autograd records the weight's
     # gradient slot (its shape) when the graph node is built, and it must see [V, H].
+    # Known here, not inside forward(): the same on every rank, so ZeRO-3 gathers stay in step.
+    frozen_weight_grad = torch.is_grad_enabled() and hidden.requires_grad and not lm_head_weight.requires_grad
     with gathered_weight(lm_head_weight) as weight:
         logprobs = FusedLinearTokenLogprobsFunction.apply(
             hidden.reshape(-1, hidden.shape[-1]),
@@ -251,5 +327,6 @@ def fused_linear_token_logprobs(
             1.0 / temperature,
             backend,
             chunk_tokens,
+            frozen_weight_grad,
         )
     return logprobs.view(targets.shape)

@@ -30,11 +30,12 @@ try:
 except ImportError:  # CPU-only install: the torch path below still works
     triton = None
 
-# Bytes of one [rows x V] fp32 scratch buffer in the torch path. 256 MiB is ~440 rows at
-# V=151936 and ~1360 at V=49152: enough rows for the CPU GEMMs to run near full speed
-# (they slow down below a few hundred rows), small next to the [N x V] tensors this module
-# exists to avoid.
-TORCH_CHUNK_BYTES = 256 * 1024**2
+# Bytes of one fp32 scratch buffer in the torch path: [rows x V] here (~220 rows at
+# V=151936), a [tokens x vocabulary] tile in the fused linear path (4096 x 8192). 128 MiB
+# keeps the fused path's extra memory at the weight gradient plus 1/4 GiB, and its tiles
+# wide enough on both sides for the CPU GEMMs (on a 2-core AVX2 EPYC, 2048 x 8192 and
+# 2048 x 16384 tiles ran at the same speed within the noise of a shared machine).
+TORCH_CHUNK_BYTES = 128 * 1024**2
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The `selfrefine run` pipeline end to end on a tiny model: SFT, then evaluation of base and SFT models."""
+"""`selfrefine run` with no self-refine rounds on a tiny model: SFT, then evaluation of the base and SFT
+models on a vLLM sampler actor (the rounds are tested in tests/refine/test_loop.py)."""
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ def test_run_writes_config_metrics_model_and_results(tiny_model_dir, tmp_path):
            "data.train=[{task: gsm8k, source: offline, split: test, limit: 8}]",
            "data.eval=[{task: gsm8k, source: offline, split: test, offset: 100, limit: 4},"
            " {task: obqa, source: offline, split: test, limit: 4}]",
-           "sft.micro_batch_size=4", "sft.max_steps=2", "eval.max_new_tokens=8", "logging.progress_bars=false"]
+           "sft.micro_batch_size=4", "sft.max_steps=2", "eval.max_new_tokens=8", "logging.progress_bars=false",
+           "refine.rounds=0", "sampler.max_model_len=512"]
     out = subprocess.run(cmd, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "sft" / "model" / "config.json").is_file()

@@ -78,12 +78,39 @@ def _check_values(cfg: Config) -> None:
         "distributed.nproc_per_node": cfg.distributed.nproc_per_node,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "sampler.num_actors": cfg.sampler.num_actors,
+        "sampler.samples_per_question": cfg.sampler.samples_per_question,
+        "sampler.max_new_tokens": cfg.sampler.max_new_tokens,
+        "sampler.chunk_size": cfg.sampler.chunk_size,
+        "sampler.tensor_parallel_size": cfg.sampler.tensor_parallel_size,
+        "sampler.hf_batch_size": cfg.sampler.hf_batch_size,
+        "teach.samples_per_question": cfg.teach.samples_per_question,
+        "dpo.epochs": cfg.dpo.epochs,
+        "dpo.micro_batch_size": cfg.dpo.micro_batch_size,
+        "dpo.grad_accum": cfg.dpo.grad_accum,
+        "refine.num_learners": cfg.refine.num_learners,
+        "refine.max_pairs_per_question": cfg.refine.max_pairs_per_question,
+        "refine.sync_bucket_mb": cfg.refine.sync_bucket_mb,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"key '{key}': must be >= 1, got {value}")
     if cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    if cfg.refine.rounds < 0:
+        raise ConfigError(f"key 'refine.rounds': must be >= 0, got {cfg.refine.rounds}")
+    if not 0.0 < cfg.sampler.top_p <= 1.0:
+        raise ConfigError(f"key 'sampler.top_p': must be in (0, 1], got {cfg.sampler.top_p}")
+    if cfg.sampler.temperature < 0:
+        raise ConfigError(f"key 'sampler.temperature': must be >= 0, got {cfg.sampler.temperature}")
+    if cfg.dpo.beta <= 0:
+        raise ConfigError(f"key 'dpo.beta': must be > 0, got {cfg.dpo.beta}")
+    if cfg.dpo.loss_type == "robust" and not 0.0 <= cfg.dpo.label_smoothing < 0.5:
+        raise ConfigError(f"key 'dpo.label_smoothing': robust DPO needs [0, 0.5), got {cfg.dpo.label_smoothing}")
+    if cfg.teach.enabled and bool(cfg.teach.model) == bool(cfg.teach.endpoint):
+        raise ConfigError("key 'teach': set exactly one of 'teach.model' and 'teach.endpoint' when teach.enabled")
+    if len(cfg.dpo.adam_betas) != 2:
+        raise ConfigError(f"key 'dpo.adam_betas': expected two numbers, got {cfg.dpo.adam_betas}")
     if len(cfg.sft.adam_betas) != 2:
         raise ConfigError(f"key 'sft.adam_betas': expected two numbers, got {cfg.sft.adam_betas}")
     for section in ("train", "eval"):

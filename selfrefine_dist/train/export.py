@@ -45,8 +45,12 @@ def _fresh_model(config, dtype: torch.dtype):
 
 def export_hf(module: torch.nn.Module, tokenizer, out_dir: Path) -> Path:
     """Write ``module`` (a transformers model, or a peft model over one) to ``out_dir``."""
+    return export_state(module, gather_state_dict(module), tokenizer, out_dir)
+
+
+def export_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], tokenizer, out_dir: Path) -> Path:
+    """Write ``state`` (from ``gather_state_dict(module)``) as a Hugging Face folder; all ranks call it."""
     out_dir = Path(out_dir)
-    state = gather_state_dict(module)
     if dist.is_main():
         dtype = next(iter(state.values())).dtype
         if hasattr(module, "peft_config"):

@@ -35,7 +35,12 @@ from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
 
 def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
     """Demonstrations that pass the answer check, tokenized; reports go to ``out_dir``."""
-    examples = load_slices(cfg.data.train)
+    if cfg.teach.enabled:  # the teacher's checked demonstrations (``selfrefine teach``)
+        from selfrefine_dist.refine.teach import demonstrations_path, read_demonstrations
+
+        examples = read_demonstrations(demonstrations_path(out_dir.parent))
+    else:
+        examples = load_slices(cfg.data.train)
     if cfg.data.prompt_style == "cot":
         examples, demo_report = select_demonstrations(examples)
     else:

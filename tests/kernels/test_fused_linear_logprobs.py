@@ -96,7 +96,7 @@ def test_tiled_backward(monkeypatch, backend, dtype):
     tiles on both sides and the fp32 accumulation across them are all exercised."""
     monkeypatch.setattr(fused_module, "_MIN_VOCAB_BLOCK", 40)
     monkeypatch.setattr(token_logprobs_module, "TORCH_CHUNK_BYTES", 16 * 40 * 4)
-    assert fused_module._backward_tile_shape(113, 123, None) == (16, 40)
+    assert fused_module._tile_shape(113, 123, None) == (16, 40)
     hidden, weight, targets = make_inputs((3, 47), 24, 123, dtype)
     check(hidden, weight, targets, backend, temperature=0.9,
           tolerances=None if dtype == torch.float32 else (0.1, 0.05, 0.1))
@@ -134,6 +134,41 @@ def test_frozen_weight_and_no_grad():
         logprobs = fused_linear_token_logprobs(hidden, weight, targets)
     assert not logprobs.requires_grad
     torch.testing.assert_close(logprobs, naive_linear_token_logprobs(hidden, weight, targets), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiny_tiles", [False, True])
+def test_frozen_head(monkeypatch, backend, dtype, tiny_tiles):
+    """A frozen head (LoRA, reference model with grad): E = softmax @ W is accumulated in the
+    forward, online across vocabulary tiles, and the backward is elementwise. Values and
+    hidden-state gradients as with a trainable head; the weight gets no gradient."""
+    if tiny_tiles:  # 16 x 40 tiles: the online rescaling of E across 4 vocabulary blocks
+        monkeypatch.setattr(fused_module, "_MIN_VOCAB_BLOCK", 40)
+        monkeypatch.setattr(token_logprobs_module, "TORCH_CHUNK_BYTES", 16 * 40 * 4)
+    hidden, weight, targets = make_inputs((3, 47), 24, 123, dtype)
+    upstream = torch.randn(targets.shape, generator=torch.Generator().manual_seed(1))
+    h = hidden.clone().requires_grad_()
+    logprobs = fused_linear_token_logprobs(h, weight, targets, temperature=0.8, backend=backend)
+    (logprobs * upstream).sum().backward()
+    exact_h = hidden.double().requires_grad_()
+    exact = naive_linear_token_logprobs(exact_h, weight.double(), targets, temperature=0.8)
+    (exact * upstream.double()).sum().backward()
+    atol = (1e-5, 1e-5) if dtype == torch.float32 else (0.1, 0.05)
+    assert logprobs.dtype == torch.float32 and h.grad.dtype == dtype and weight.grad is None
+    torch.testing.assert_close(logprobs.detach().double(), exact.detach(), atol=atol[0], rtol=0)
+    torch.testing.assert_close(h.grad.double(), exact_h.grad, atol=atol[1], rtol=0)
+    assert (h.grad[targets == -100] == 0).all()
+
+
+def test_gradcheck_float64_frozen_head():
+    hidden, weight, targets = make_inputs((2, 5), 6, 11, torch.float64, ignore_fraction=0.3)
+    hidden.requires_grad_()
+
+    def fn(h):
+        return fused_linear_token_logprobs(h, weight, targets, temperature=1.3, backend="torch", chunk_tokens=3)
+
+    assert torch.autograd.gradcheck(fn, (hidden,), eps=1e-6, atol=1e-7)
 
 
 def test_gradcheck_float64():

@@ -1,0 +1,257 @@
+"""The self-refine rounds, each a short timed sequence:
+
+    sample -> reward -> pair -> (reference log-probs + DPO on the learners) -> sync -> evaluate
+
+Every stage writes its artifact (see ``artifacts.py``) and is skipped when the artifact is
+already there, so killing the driver and running the same command again continues from the
+last finished stage. Samples record the policy version that made them: version 0 is the SFT
+model, version r the policy after round r. In the asynchronous mode round r+1 is sampled with
+version r-1 while the learners train round r (staleness 1); otherwise round r samples version r-1.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import ray
+
+from selfrefine_dist.config import Config
+from selfrefine_dist.data.records import ReasoningExample
+from selfrefine_dist.data.sft_dataset import render_prompt
+from selfrefine_dist.data.tasks import get_task
+from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype
+from selfrefine_dist.refine import artifacts
+from selfrefine_dist.refine.learner import LearnerSpec, learner_threads
+from selfrefine_dist.refine.learner_group import LearnerGroup
+from selfrefine_dist.refine.pairs import build_pairs
+from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
+from selfrefine_dist.refine.records import PreferencePair, ScoredPath, examples_digest
+from selfrefine_dist.refine.scoring import sample_stats, score_paths
+from selfrefine_dist.refine.sync import load_folder_into_pool
+from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
+from selfrefine_dist.tracking import MetricsLogger
+from selfrefine_dist.train.checkpoint import latest_step
+
+DIRECT_MAX_NEW_TOKENS = 32  # a direct answer is one sentence
+
+
+class SelfRefineLoop:
+    """Runs ``cfg.refine.rounds`` rounds on a sampler pool that starts with the SFT weights.
+
+    evaluate(label) scores whatever weights the pool holds and returns its metrics.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, sft_model: str, questions: List[ReasoningExample], pool,
+                 logger: MetricsLogger, evaluate: Optional[Callable[[str], dict]] = None):
+        if not questions:
+            raise ValueError("data.train: no training questions to sample")
+        self.cfg, self.run_dir, self.sft_model = cfg, Path(run_dir), sft_model
+        self.questions, self.pool, self.logger, self.evaluate = questions, pool, logger, evaluate
+        self.ckpt_root = self.run_dir / "learner"
+        tok = load_tokenizer(sft_model, cfg.model.trust_remote_code)
+        self.tokenizer = tok
+        self.prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "cot")) for ex in questions}
+        self.direct_prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "direct")) for ex in questions}
+        self.learners: Optional[LearnerGroup] = None
+
+    # ---- the rounds ---------------------------------------------------------------------
+    def run(self) -> List[dict]:
+        summaries = []
+        for r in range(1, self.cfg.refine.rounds + 1):
+            summary_file = artifacts.round_dir(self.run_dir, r) / "summary.json"
+            if summary_file.is_file():
+                summaries.append(artifacts.read_json(summary_file))
+                print(f"round {r}: done earlier ({summary_file})", flush=True)
+                continue
+            summaries.append(self.run_round(r))
+        return summaries
+
+    def run_round(self, r: int) -> dict:
+        cfg, out = self.cfg, artifacts.round_dir(self.run_dir, r)
+        seconds: Dict[str, float] = {}
+
+        t0 = time.perf_counter()
+        paths, sample_metrics = self.samples(r)  # sampling + rewards (or the file of an earlier run)
+        seconds["sample"] = time.perf_counter() - t0  # generation + rewards; each alone in sample_metrics
+
+        t0 = time.perf_counter()
+        pairs, pair_metrics = self.pairs(r, paths)
+        examples, too_long = tokenize_pairs(pairs, self.tokenizer, cfg.data.max_len)
+        plan = plan_round(examples, cfg.refine.num_learners, cfg.dpo.micro_batch_size, cfg.dpo.grad_accum,
+                          cfg.dpo.epochs, cfg.run.seed * 1000 + r)
+        pair_metrics.update({f"dropped_pairs_{k}": v for k, v in too_long.items()}, pairs_unused=plan.unused,
+                            dpo_steps=plan.steps)
+        seconds["pair"] = time.perf_counter() - t0
+        if plan.steps == 0:  # the round still ends (same weights, next version) so later rounds can run
+            print(f"round {r}: WARNING {len(examples)} usable pairs do not fill one DPO batch of {plan.global_batch} "
+                  f"(refine.num_learners x dpo.micro_batch_size x dpo.grad_accum): no DPO step this round; sample "
+                  f"more questions (refine.questions_per_round) or paths (sampler.samples_per_question)", flush=True)
+
+        t0 = time.perf_counter()
+        learners = self.learner_group()  # started (and restored) once per driver run
+        seconds["learner_start"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        history_file = out / "dpo_metrics.jsonl"
+        if latest_step(self.ckpt_root) == r and history_file.is_file():  # trained before the driver stopped
+            history = artifacts.read_jsonl(history_file)
+        else:
+            # Preference batches travel to the learners through the object store.
+            shard_refs = [ray.put(shard) for shard in plan.shards]
+            train_refs = learners.train_round_async(shard_refs, r)
+            if cfg.refine.mode == "async" and r < cfg.refine.rounds:
+                self.samples(r + 1)  # sampled with version r-1 while the learners train round r
+            history = ray.get(train_refs)[0]
+            expected = [examples_digest([ex for step in s for micro in step for ex in micro]) for s in plan.shards]
+            if learners.digests() != expected:
+                raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
+            artifacts.write_jsonl(history_file, history)
+            learners.save(str(self.ckpt_root), r)
+        seconds["dpo"] = time.perf_counter() - t0
+        seconds["reference_logps"] = history[0]["reference_s"] if history else 0.0
+        for i, h in enumerate(history):
+            self.logger.log(h, step=i + 1, stage=f"dpo/round_{r}")
+
+        t0 = time.perf_counter()
+        if self.nccl_sync():  # gather + export + broadcast, one timed stage
+            learners.broadcast_weights(self.pool, str(out / "model"), cfg.refine.sync_bucket_mb << 20, version=r)
+            seconds["sync"] = time.perf_counter() - t0
+        else:
+            bucket_refs = learners.publish_weights(str(out / "model"), cfg.refine.sync_bucket_mb << 20)
+            seconds["export"] = time.perf_counter() - t0
+            seconds["sync"] = self.pool.update_weights(bucket_refs, version=r)
+            del bucket_refs
+
+        eval_metrics = {}
+        if self.evaluate is not None and (cfg.refine.eval_every_round or r == cfg.refine.rounds):
+            t0 = time.perf_counter()
+            eval_metrics = self.evaluate(f"round_{r}")
+            seconds["eval"] = time.perf_counter() - t0
+
+        last = history[-1] if history else {}
+        summary = {"round": r, **sample_metrics, **pair_metrics,
+                   **{f"dpo_{k}": v for k, v in last.items() if isinstance(v, (int, float))},
+                   "dpo_tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(len(history), 1),
+                   **{f"{k}_s": v for k, v in seconds.items()}, **eval_metrics}
+        self.logger.log(summary, step=r, stage="round")
+        artifacts.write_json(out / "summary.json", summary)
+        print(f"round {r}: sample acc {sample_metrics['sample_accuracy']:.3f} | pairs {pair_metrics['pairs_kept']} | "
+              f"dpo loss {last.get('loss', float('nan')):.4f} margin {last.get('rewards/margins', float('nan')):.3f} | "
+              + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
+        return summary
+
+    # ---- stages -------------------------------------------------------------------------
+    def sampling_version(self, r: int) -> int:
+        """The policy version that samples round ``r``."""
+        return max(0, r - 2) if self.cfg.refine.mode == "async" else r - 1
+
+    def round_questions(self, r: int) -> List[ReasoningExample]:
+        n = self.cfg.refine.questions_per_round
+        if not n or n >= len(self.questions):
+            return list(self.questions)
+        start = ((r - 1) * n) % len(self.questions)
+        return [self.questions[(start + i) % len(self.questions)] for i in range(n)]
+
+    def samples(self, r: int):
+        """Round ``r``'s scored paths: read back if sampled before, else sampled and scored now."""
+        out = artifacts.round_dir(self.run_dir, r) / "samples.jsonl"
+        report = out.with_name("sample_report.json")
+        if out.is_file():
+            paths = [ScoredPath(**row) for row in artifacts.read_jsonl(out)]
+            return paths, artifacts.read_json(report)
+        cfg, version = self.cfg.sampler, self.sampling_version(r)
+        self.ensure_pool_version(version)
+        questions = self.round_questions(r)
+        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=cfg.seed * 1000 + r)
+        progress = self.cfg.logging.progress_bars
+        texts = self.pool.generate([GenerationRequest(ex.uid, self.prompts[ex.uid], cfg.samples_per_question)
+                                    for ex in questions], settings, progress=progress)
+        stats = self.pool.last_stats
+        t0 = time.perf_counter()
+        paths = score_paths(questions, texts, "cot", version)
+        reward_s = time.perf_counter() - t0
+        if self.cfg.refine.pair_strategy == "cot_vs_direct":
+            direct = self.pool.generate([GenerationRequest(ex.uid, self.direct_prompts[ex.uid], 1) for ex in questions],
+                                        SamplingSettings(0.0, 1.0, DIRECT_MAX_NEW_TOKENS, seed=settings.seed),
+                                        progress=progress)
+            paths += score_paths(questions, direct, "direct", version)
+        metrics = sample_stats([p for p in paths if p.style == "cot"]).as_metrics()
+        metrics.update(sampled_by_version=version, sampling_tokens_per_s=stats.tokens_per_s,
+                       sampling_s=stats.seconds, reward_s=reward_s, retried_work_items=stats.retried_items)
+        artifacts.write_json(report, metrics)
+        artifacts.write_jsonl(out, [p.as_dict() for p in paths])  # last: its presence marks the stage done
+        self.logger.log(metrics, step=r, stage="samples")
+        return paths, metrics
+
+    def pairs(self, r: int, paths: List[ScoredPath]):
+        out = artifacts.round_dir(self.run_dir, r)
+        if (out / "pairs.jsonl").is_file():
+            pairs = [PreferencePair(**row) for row in artifacts.read_jsonl(out / "pairs.jsonl")]
+            return pairs, artifacts.read_json(out / "pair_report.json")
+        uids = {p.uid for p in paths}
+        questions = [ex for ex in self.questions if ex.uid in uids]
+        demonstrations = None
+        if self.cfg.refine.pair_strategy == "teacher_vs_incorrect":
+            demonstrations = {ex.uid: get_task(ex.task).target_response(ex, "cot") for ex in questions if ex.rationale}
+        pairs, report = build_pairs(questions, self.prompts, [p for p in paths if p.style == "cot"],
+                                    self.cfg.refine.pair_strategy, self.cfg.refine.max_pairs_per_question,
+                                    seed=self.cfg.run.seed * 1000 + r,
+                                    direct_paths=[p for p in paths if p.style == "direct"], demonstrations=demonstrations)
+        metrics = report.as_metrics()
+        artifacts.write_json(out / "pair_report.json", metrics)
+        artifacts.write_jsonl(out / "pairs.jsonl", [p.as_dict() for p in pairs])
+        return pairs, metrics
+
+    def nccl_sync(self) -> bool:
+        """NCCL broadcast when asked, or (auto) when learners and vLLM samplers both hold GPUs."""
+        r, sampler = self.cfg.refine, self.cfg.sampler
+        if r.weight_sync == "auto":
+            return r.gpus_per_learner > 0 and sampler.gpus_per_actor > 0 and sampler.backend == "vllm"
+        return r.weight_sync == "nccl"
+
+    def ensure_pool_version(self, version: int) -> None:
+        """Bring the samplers to ``version`` from its exported folder (after a restart of the driver)."""
+        if self.pool.version == version:
+            return
+        folder = self.sft_model if version == 0 else str(artifacts.round_dir(self.run_dir, version) / "model")
+        load_folder_into_pool(self.pool, folder, version, self.cfg.refine.sync_bucket_mb << 20)
+
+    def learner_group(self) -> LearnerGroup:
+        if self.learners is None:
+            r = self.cfg.refine
+            self.learners = LearnerGroup(learner_spec(self.cfg, self.sft_model, r.num_learners), r.num_learners,
+                                         r.cpus_per_learner, r.gpus_per_learner, env=learner_env(r.num_learners))
+            done = latest_step(self.ckpt_root)
+            if done:
+                self.learners.restore(str(self.ckpt_root), done)
+        return self.learners
+
+    def shutdown(self) -> None:
+        if self.learners is not None:
+            self.learners.shutdown()
+            self.learners = None
+
+
+def learner_spec(cfg: Config, sft_model: str, world_size: int) -> LearnerSpec:
+    """The learners' settings from the config: the policy starts from the SFT model."""
+    d = cfg.dpo
+    return LearnerSpec(
+        policy_path=sft_model, reference_path=sft_model if d.reference == "sft" else None,
+        dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code,
+        backend=cfg.distributed.backend, zero_stage=cfg.distributed.zero_stage,
+        offload_optimizer=cfg.distributed.offload_optimizer, micro_batch_size=d.micro_batch_size,
+        grad_accum=d.grad_accum, lr=d.lr, weight_decay=d.weight_decay, adam_betas=tuple(d.adam_betas),
+        warmup_steps=d.warmup_steps, lr_schedule=d.lr_schedule, max_grad_norm=d.max_grad_norm,
+        gradient_checkpointing=d.gradient_checkpointing, beta=d.beta, loss_type=d.loss_type,
+        label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
+        seed=cfg.run.seed, threads=learner_threads(world_size),
+    )
+
+
+def learner_env(num_learners: int) -> Dict[str, str]:
+    """Environment of learner actors: DeepSpeed's op cache outside the clone, the CPU accelerator off-GPU."""
+    from selfrefine_dist.launch import learner_env as launcher_env
+
+    keys = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    env = launcher_env(num_learners)
+    return {k: env[k] for k in keys if k in env}

@@ -1,0 +1,82 @@
+"""``SamplerActor``: one backend in a Ray actor, with the version of the weights it holds.
+
+The class is plain Python (usable in-process); ``remote_sampler_actor`` makes
+the Ray actor class. Ray restarts a dead actor (``max_restarts``) by running
+``__init__`` again: the restarted actor holds the checkpoint's weights
+(version 0) until ``update_weights`` brings it up to date, which
+``SamplerPool`` does before giving it more work.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Sequence
+
+import ray
+
+from selfrefine_dist.sampling.backend import BackendSpec, make_backend
+from selfrefine_dist.sampling.records import GeneratedText, GenerationRequest, SamplingSettings
+from selfrefine_dist.sampling.weights import TensorMeta
+
+
+class SamplerActor:
+    def __init__(self, spec: BackendSpec):
+        self.backend = make_backend(spec)
+        self.weights_version = 0  # the checkpoint at spec.model_path
+
+    def ready(self) -> int:
+        """The actor's process id, once the backend is built."""
+        return os.getpid()
+
+    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> List[List[GeneratedText]]:
+        return self.backend.generate(requests, settings)
+
+    def update_weights(self, bucket_refs: Sequence[ray.ObjectRef], version: int) -> float:
+        """Load every bucket (``List[(hf_name, tensor)]`` each) from the object store; returns seconds.
+
+        Buckets are fetched one at a time, so the actor holds at most one
+        bucket beyond its model.
+        """
+        start = time.perf_counter()
+        self.backend.load_weights(named for ref in bucket_refs for named in ray.get(ref))
+        self.weights_version = version
+        return time.perf_counter() - start
+
+    def ensure_version(self, bucket_refs: Sequence[ray.ObjectRef], version: int) -> int:
+        """Load the buckets unless the actor already holds ``version``; returns the version held."""
+        if self.weights_version != version:
+            self.update_weights(bucket_refs, version)
+        return self.weights_version
+
+    def version(self) -> int:
+        return self.weights_version
+
+    def checksums(self) -> Dict[str, str]:
+        return self.backend.weight_checksums()
+
+    # GPU weight sync over NCCL (nccl_sync.py); vLLM backend only.
+
+    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self._vllm().init_weight_broadcast(master_address, master_port, rank_offset, world_size)
+
+    def begin_weight_broadcast(self) -> None:
+        self._vllm().begin_weight_sync()
+
+    def receive_weight_broadcast(self, metas: Sequence[TensorMeta]) -> None:
+        self._vllm().receive_weight_broadcast(metas)
+
+    def finish_weight_broadcast(self, version: int) -> None:
+        self._vllm().finish_weight_sync()
+        self.weights_version = version
+
+    def _vllm(self):
+        from selfrefine_dist.sampling.vllm_backend import VLLMBackend
+
+        if not isinstance(self.backend, VLLMBackend):
+            raise TypeError(f"NCCL weight sync needs the vLLM backend, not {type(self.backend).__name__}")
+        return self.backend
+
+
+def remote_sampler_actor(num_cpus: float, num_gpus: float, max_restarts: int):
+    """The Ray actor class of ``SamplerActor`` with its resources and restart policy."""
+    return ray.remote(SamplerActor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)

@@ -1,0 +1,55 @@
+"""SamplerPool on the HF backend: real Ray actors on CPU, the tiny Llama."""
+import pytest
+
+from selfrefine_dist.sampling.pool import SamplerPool
+from selfrefine_dist.sampling.records import SamplingSettings
+from selfrefine_dist.sampling.weights import expected_checksums
+
+from sampling_helpers import assert_complete, make_requests, perturbed_state_dict, put_buckets, sampler_config
+
+pytestmark = pytest.mark.slow
+SETTINGS = SamplingSettings(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5)
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster, tiny_model_dir):
+    one = SamplerPool(sampler_config("hf", num_actors=1), str(tiny_model_dir), "fp32")
+    two = SamplerPool(sampler_config("hf", num_actors=2), str(tiny_model_dir), "fp32")
+    yield one, two
+    one.shutdown()
+    two.shutdown()
+
+
+def test_every_key_once_with_n_texts_and_the_same_texts_on_1_or_2_actors(pools, tiny_model_dir):
+    one, two = pools
+    requests = make_requests(tiny_model_dir, 9)  # 5 work items of 2 questions (the last has 1)
+    by_two = two.generate(requests, SETTINGS, progress=False)
+    assert_complete(requests, by_two)
+    stats = two.last_stats
+    assert stats.questions == 9 and stats.samples == sum(r.n for r in requests) and stats.retried_items == 0
+    assert stats.generated_tokens == sum(t.num_tokens for texts in by_two.values() for t in texts) > 0
+    assert stats.tokens_per_s > 0
+    assert one.generate(requests, SETTINGS, progress=False) == by_two
+    # Sampling, not copies: a request's n texts differ, and another seed gives other texts.
+    assert len({t.text for t in by_two[requests[2].key]}) > 1
+    other_seed = SamplingSettings(SETTINGS.temperature, SETTINGS.top_p, SETTINGS.max_new_tokens, seed=6)
+    assert one.generate(requests, other_seed, progress=False) != by_two
+
+
+def test_greedy_gives_n_identical_texts(pools, tiny_model_dir):
+    _, two = pools
+    requests = make_requests(tiny_model_dir, 3, n=lambda i: 3)
+    results = two.generate(requests, SamplingSettings(0.0, 1.0, 8, seed=0), progress=False)
+    assert_complete(requests, results)
+    assert all(len(set(texts)) == 1 for texts in results.values())
+
+
+def test_update_weights_then_checksums_match_the_sent_state_dict(pools, tiny_model_dir):
+    _, two = pools
+    state_dict = perturbed_state_dict(tiny_model_dir, seed=1)
+    expected = expected_checksums(state_dict, "hf", "fp32", tie_word_embeddings=True)
+    before = two.checksums()
+    assert len(before) == 2 and all(set(c) == set(expected) and c != expected for c in before)
+    seconds = two.update_weights(put_buckets(state_dict), version=1)
+    assert seconds > 0 and two.version == 1 and two.versions() == [1, 1]
+    assert two.checksums() == [expected, expected]
