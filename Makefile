@@ -40,7 +40,7 @@ demo: install
 	$(BIN)/selfrefine run --config configs/demo_cpu.yaml
 
 test: install
-	$(BIN)/pytest tests -q -p no:cacheprovider
+	$(BIN)/pytest tests -q -p no:cacheprovider --durations=15
 
 clean:
 	rm -rf $(VENV) runs
