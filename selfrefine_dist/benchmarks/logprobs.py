@@ -11,17 +11,21 @@ Prints two markdown tables.
   through TRL's ``selective_log_softmax``), ``trl_chunked`` (TRL's fused
   ``ChunkedLogProbFunction``), ``liger_dpo`` (Liger's ``LigerFusedLinearDPOLoss``, T tokens
   as pairs of chosen + rejected sequences of 1024 tokens, no reference model; it returns a
-  DPO loss, not per-token log-probs), and ``ours`` (``fused_linear_token_logprobs``).
+  DPO loss, not per-token log-probs), ``ours`` (``fused_linear_token_logprobs``),
+  ``ours_nll`` (``fused_linear_nll_loss`` with the random weights fixed in advance, the SFT
+  case: its value is the same weighted sum, its gradient made in the forward) and
+  ``ours_dpo`` (``fused_linear_preference_loss`` with the same sigmoid DPO loss and pair
+  layout as ``liger_dpo``: the like-for-like comparison with Liger).
 * From given logits [T, V] fp32: ``naive``, ``trl_selective`` and ``ours`` (``token_logprobs``).
 
 Each measurement runs in a fresh subprocess so that one method's allocations cannot hide
 another's. Extra peak memory is the peak minus what the inputs already hold (the weight
 gradient [V, H] counts: every method produces it). On CPU the peak is the process's peak
 resident set (VmHWM, reset through /proc/self/clear_refs just before the run); on CUDA it
-is torch.cuda.max_memory_allocated. ``fwd s`` is the time to the log-probs (loss for
-Liger, whose forward also computes its gradients, so its backward is ~0), ``fwd+bwd s``
-includes the backward of sum(logprobs * random weights). A small warm-up call (which also
-triggers Liger's torch.compile) precedes the timed one. On a shared machine use
+is torch.cuda.max_memory_allocated. ``fwd s`` is the time to the log-probs (to the loss for
+liger_dpo, ours_nll and ours_dpo, whose forwards also make their gradients, so that their
+backward is ~0); ``fwd+bwd s`` includes the backward of sum(logprobs * random weights). A
+small warm-up call (which also triggers Liger's torch.compile) precedes the timed one. On a shared machine use
 ``--rounds 2`` or more: cells are re-run in interleaved rounds and the fastest time kept.
 Missing peers are listed as skipped with the reason; nothing is estimated.
 """
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import time
 
-HIDDEN_METHODS = ("naive", "trl_selective", "trl_chunked", "liger_dpo", "ours")
+HIDDEN_METHODS = ("naive", "trl_selective", "trl_chunked", "liger_dpo", "ours", "ours_nll", "ours_dpo")
 LOGITS_METHODS = ("naive", "trl_selective", "ours")
 LIGER_SEQUENCE_TOKENS = 1024
 GIB = 1024**3
@@ -48,6 +52,8 @@ GIB = 1024**3
 
 
 def _hidden_method(name):
+    import torch
+
     from selfrefine_dist.kernels import fused_linear_token_logprobs, naive_linear_token_logprobs
 
     def weighted(logprobs, upstream):
@@ -82,6 +88,31 @@ def _hidden_method(name):
             return loss, loss
 
         return liger_dpo
+    if name == "ours_nll":
+        from selfrefine_dist.kernels import fused_linear_nll_loss
+
+        def ours_nll(h, w, t, u):
+            loss = fused_linear_nll_loss(h, w, t, -u)  # = sum(u * logp), the scalar the others backpropagate
+            return loss, loss
+
+        return ours_nll
+    if name == "ours_dpo":
+        from selfrefine_dist.kernels import fused_linear_preference_loss
+        from selfrefine_dist.losses import dpo_loss
+
+        def ours_dpo(h, w, t, u):
+            length = min(LIGER_SEQUENCE_TOKENS, h.shape[0] // 2)
+            hidden, targets = h.view(-1, length, h.shape[1]), t.view(-1, length)
+            pairs = hidden.shape[0] // 2
+            no_reference = torch.zeros(pairs)  # as Liger's use_ref_model=False
+
+            def pair_loss(chosen, rejected):
+                return dpo_loss(chosen, rejected, no_reference.to(chosen), no_reference.to(chosen), beta=0.1).loss
+
+            loss, _ = fused_linear_preference_loss(hidden, w, targets, pair_loss)
+            return loss, loss
+
+        return ours_dpo
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -212,6 +212,15 @@ class DPOConfig:
     rpo_alpha: Optional[float] = None
     # Average log-probs over response tokens (null: the loss type's default, as in TRL).
     average_log_prob: Optional[bool] = None
+    # Compute the loss and its gradients from the final hidden states in one pass over the
+    # vocabulary (three lm_head matmuls per token instead of four; kernels/fused_linear_preference.py).
+    # Used where the model's head allows the fused path (models/logprobs.py); false: per-token
+    # log-probs, then the loss under autograd.
+    fused_loss: bool = True
+    # Pack each pair into one row, prompt + chosen + rejected, with a mask that keeps the responses
+    # apart: the prompt runs through the model once, not twice (prefix sharing). Needs the fused
+    # head and SDPA/eager attention; other models fall back to two sequences per pair.
+    shared_prompt: bool = True
     # sft: the SFT model for every round; previous_round: the policy at the start of the round.
     reference: str = choice("sft", "sft", "previous_round")
     # ``selfrefine dpo`` only: a JSONL of preference pairs (PreferencePair fields, e.g. a round's

@@ -10,6 +10,10 @@ position per sequence; a forward hook on the decoder keeps the final hidden stat
 [tokens x vocab] logits never exist, in the forward or the backward. Under ZeRO-3 the
 partitioned (possibly tied) head weight is gathered by the kernel (``kernels/zero3.py``).
 
+``causal_hidden_states`` / ``decoder_hidden_states`` return those hidden states and the head
+weight for callers that project them themselves: the DPO learners' ``fused_linear_preference_loss``,
+on packed prompt + chosen + rejected rows (``refine/preference_data.collate_packed_pairs``).
+
 Logits path (the fallback): the full logits, then cross_entropy. Taken for models whose
 logits are not exactly ``last_hidden_state @ lm_head.weight.T`` (see ``_fused_head``).
 """
@@ -38,12 +42,56 @@ def causal_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     Returns [batch, seq_len - 1] float32, 0 where the target is ignored.
     """
     targets = labels[:, 1:]
-    head = _fused_head(model)
-    if head is None:
+    fused = causal_hidden_states(model, input_ids, attention_mask)
+    if fused is None:
         return _logits_path_logprobs(model, input_ids, attention_mask, targets)
 
     from selfrefine_dist.kernels import fused_linear_token_logprobs
 
+    hidden, weight = fused
+    return fused_linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE_INDEX)
+
+
+def causal_nll_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the labels (the SFT loss before normalisation), [] fp32.
+
+    Fused path: ``fused_linear_nll_loss`` makes the gradients while each logits tile is at hand
+    (three head matmuls per token instead of the four of log-probs then autograd).
+    """
+    fused = causal_hidden_states(model, input_ids, attention_mask)
+    if fused is None:
+        return -_logits_path_logprobs(model, input_ids, attention_mask, labels[:, 1:]).sum()
+
+    from selfrefine_dist.kernels import fused_linear_nll_loss
+
+    hidden, weight = fused
+    return fused_linear_nll_loss(hidden, weight, labels[:, 1:], ignore_index=IGNORE_INDEX)
+
+
+def causal_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """(hidden [batch, seq_len - 1, H], lm_head weight [V, H]) for a fused head, or None.
+
+    None when the model's logits are not exactly ``hidden @ weight.T`` (see ``_fused_head``);
+    then only the logits path is exact. Position t of ``hidden`` predicts token t + 1.
+    """
+    out = decoder_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+    if out is None:
+        return None
+    hidden, weight = out
+    return hidden[:, :-1], weight
+
+
+def decoder_hidden_states(model, **inputs):
+    """(final hidden states [batch, seq_len, H] in the head's dtype, lm_head weight), or None.
+
+    ``inputs`` go to the model as they are (input_ids, attention_mask 2D or a 4D boolean mask,
+    position_ids). The model runs through its wrapper with ``logits_to_keep=1``: its own head
+    projects one position per sequence, and the caller projects the rest chunk by chunk.
+    """
+    head = _fused_head(model)
+    if head is None:
+        return None
     decoder, lm_head = head
     captured = []
     # output[0] is last_hidden_state for a ModelOutput and for a tuple alike. Hooking the
@@ -51,15 +99,20 @@ def causal_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     # (DeepSpeed's ZeRO-3 step bookkeeping and external-parameter tracking, peft's hooks).
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
     try:
-        # logits_to_keep=1: the model's own head projects only the last position ([batch, 1, vocab]).
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
-    hidden = captured[0][:, :-1]
     weight = lm_head.weight
     # nn.Linear would refuse mismatched dtypes too; under autocast it would run in the weight's.
-    logprobs = fused_linear_token_logprobs(hidden.to(weight.dtype), weight, targets, ignore_index=IGNORE_INDEX)
-    return logprobs
+    return captured[0].to(weight.dtype), weight
+
+
+def accepts_4d_masks(model) -> bool:
+    """True when the fused path applies and the attention takes an arbitrary boolean 4D mask
+    (SDPA, eager; flash-attention kernels take only padding masks)."""
+    if _fused_head(model) is None:
+        return False
+    return getattr(_unwrap(model).config, "_attn_implementation", None) in ("sdpa", "eager")
 
 
 def _logits_path_logprobs(model, input_ids, attention_mask, targets):

@@ -244,6 +244,7 @@ def learner_spec(cfg: Config, sft_model: str, world_size: int) -> LearnerSpec:
         warmup_steps=d.warmup_steps, lr_schedule=d.lr_schedule, max_grad_norm=d.max_grad_norm,
         gradient_checkpointing=d.gradient_checkpointing, beta=d.beta, loss_type=d.loss_type,
         label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
+        fused_loss=d.fused_loss, shared_prompt=d.shared_prompt,
         seed=cfg.run.seed, threads=learner_threads(world_size),
     )
 

@@ -46,6 +46,8 @@ class LearnerSpec:
     label_smoothing: float
     rpo_alpha: Optional[float]
     average_log_prob: Optional[bool]
+    fused_loss: bool  # gradients of the DPO loss in the forward, from hidden states (where exact)
+    shared_prompt: bool  # one packed row per pair: prompt + chosen + rejected (where the model allows)
     seed: int
     threads: int  # torch threads on CPU
 
@@ -124,12 +126,17 @@ class DPOLearner:
 
         Returns one metrics dict per optimizer step (averaged over ranks; every rank returns them).
         """
-        from selfrefine_dist.refine.preference_data import collate_pairs
+        from selfrefine_dist.models.logprobs import accepts_4d_masks
+        from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_pairs
         from selfrefine_dist.refine.records import examples_digest
 
         self.received_digest = examples_digest([ex for step in shard for micro in step for ex in micro])
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batches = [[collate_pairs(micro, pad) for micro in step] for step in shard]
+        # Packed rows (prompt once per pair) need the fused head and an attention that takes a 4D mask.
+        packed = self.spec.shared_prompt and accepts_4d_masks(self.engine) and (
+            self.reference is None or accepts_4d_masks(self.reference))
+        collate = collate_packed_pairs if packed else collate_pairs
+        batches = [[collate(micro, pad) for micro in step] for step in shard]
 
         t0 = time.perf_counter()
         ref_logps = self._reference_logps(batches)  # once per round, never per step
@@ -148,18 +155,18 @@ class DPOLearner:
             sums: Dict[str, float] = {}
             tokens = 0
             for batch, (ref_chosen, ref_rejected) in zip(micro_batches, micro_refs):
-                out = self._dpo_forward(batch, ref_chosen, ref_rejected)
-                self.engine.backward(out.loss)
+                loss, out = self._dpo_forward(batch, ref_chosen, ref_rejected)
+                self.engine.backward(loss)
                 self.engine.step()
                 for k, v in out.metrics().items():
                     sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
-                sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / len(micro_batches)
+                sums["loss"] = sums.get("loss", 0.0) + loss.item() / len(micro_batches)
                 tokens += batch.num_tokens
             metrics = self._mean_over_ranks(sums)
             step_s = time.perf_counter() - t_step
             all_tokens = self._sum_over_ranks(tokens)
             metrics.update(round=round_idx, lr=lr, grad_norm=_grad_norm(self.engine), step_s=step_s,
-                           tokens_per_s=all_tokens / step_s, reference_s=reference_s)
+                           tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=float(packed))
             history.append(metrics)
             if self.rank == 0:  # progress, forwarded to the driver's console by Ray
                 print(f"dpo round {round_idx} step {step + 1}/{len(batches)}: loss {metrics['loss']:.4f} "
@@ -168,14 +175,33 @@ class DPOLearner:
         return history
 
     def _dpo_forward(self, batch, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
+        """(loss with gradient, DPOLossOutput for the metrics) of one micro-batch.
+
+        Fused (``dpo.fused_loss``, for heads where it is exact): the loss and its gradients come
+        from the hidden states in one pass over the vocabulary (three head matmuls per token,
+        not four; ``kernels/fused_linear_preference.py``). Otherwise: per-token log-probs, then
+        ``dpo_loss`` under autograd. Both use the same ``dpo_loss``.
+        """
+        from selfrefine_dist.kernels import fused_linear_preference_loss
         from selfrefine_dist.losses import dpo_loss
 
-        policy_logps, lengths = self._sequence_logps(self.engine, batch)
-        b = batch.num_pairs
-        s = self.spec
-        return dpo_loss(policy_logps[:b], policy_logps[b:], ref_chosen, ref_rejected, s.beta, s.loss_type,
-                        s.label_smoothing, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-                        average_log_prob=s.average_log_prob, rpo_alpha=s.rpo_alpha)
+        s, b = self.spec, batch.num_pairs
+        head = head_inputs(self.engine, batch, self._device()) if s.fused_loss else None
+        if head is None:
+            policy_logps, lengths = self._sequence_logps(self.engine, batch)
+        else:
+            lengths = (head[2] != -100).sum(-1)
+
+        def loss_of(chosen, rejected):
+            return dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), s.beta, s.loss_type,
+                            s.label_smoothing, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
+                            average_log_prob=s.average_log_prob, rpo_alpha=s.rpo_alpha)
+
+        if head is None:
+            out = loss_of(policy_logps[:b], policy_logps[b:])
+            return out.loss, out
+        loss, policy_logps = fused_linear_preference_loss(*head, lambda c, r: loss_of(c, r).loss)
+        return loss, loss_of(policy_logps[:b], policy_logps[b:])
 
     @torch.no_grad()
     def _reference_logps(self, batches) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
@@ -193,16 +219,20 @@ class DPOLearner:
         model.train(was_training)
         return out
 
-    @staticmethod
-    def _sequence_logps(model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _sequence_logps(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """[2B] summed response log-probs and [2B] response lengths."""
+        from selfrefine_dist.kernels import fused_linear_token_logprobs
         from selfrefine_dist.models.logprobs import causal_token_logprobs
 
-        device = next(model.parameters()).device
+        head = head_inputs(model, batch, self._device())
+        if head is not None:
+            hidden, weight, targets = head
+            token_logps = fused_linear_token_logprobs(hidden, weight, targets)
+            return token_logps.sum(-1), (targets != -100).sum(-1)
+        device = self._device()  # logits path: no fused head, never packed
         token_logps = causal_token_logprobs(model, batch.input_ids.to(device), batch.attention_mask.to(device),
                                             batch.labels.to(device))
-        response_mask = batch.labels[:, 1:].to(device) != -100
-        return token_logps.sum(-1), response_mask.sum(-1)
+        return token_logps.sum(-1), (batch.labels[:, 1:].to(device) != -100).sum(-1)
 
     def _mean_over_ranks(self, values: Dict[str, float]) -> Dict[str, float]:
         keys = sorted(values)
@@ -275,6 +305,25 @@ class DPOLearner:
     def digest(self) -> str:
         """sha256 of the preference examples this rank received last round."""
         return self.received_digest
+
+
+def head_inputs(model, batch, device: torch.device):
+    """(hidden [2B, T, H], lm_head weight [V, H], targets [2B, T]) of a preference batch, or None
+    without a fused head. Row s of ``hidden`` holds the states that predict sequence s's response
+    tokens: from a packed batch (one row per pair) they are gathered by ``batch.positions``."""
+    from selfrefine_dist.models.logprobs import causal_hidden_states, decoder_hidden_states
+    from selfrefine_dist.refine.records import PackedPreferenceBatch
+
+    if isinstance(batch, PackedPreferenceBatch):
+        hidden, weight = decoder_hidden_states(model, input_ids=batch.input_ids.to(device),
+                                               attention_mask=batch.attention_mask.to(device),
+                                               position_ids=batch.position_ids.to(device))
+        rows = torch.arange(2 * batch.num_pairs, device=device) % batch.num_pairs
+        return hidden[rows.unsqueeze(1), batch.positions.to(device)], weight, batch.targets.to(device)
+    out = causal_hidden_states(model, batch.input_ids.to(device), batch.attention_mask.to(device))
+    if out is None:
+        return None
+    return out[0], out[1], batch.labels[:, 1:].to(device)
 
 
 def _grad_norm(engine) -> float:

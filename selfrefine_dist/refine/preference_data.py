@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
-from selfrefine_dist.refine.records import PreferenceBatch, PreferenceExample, PreferencePair
+from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair
 
 IGNORE_INDEX = -100
 
@@ -66,6 +66,42 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> P
         attention_mask[row, :n] = 1
     return PreferenceBatch(uids=tuple(ex.uid for ex in examples), input_ids=input_ids,
                            attention_mask=attention_mask, labels=labels)
+
+
+def collate_packed_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PackedPreferenceBatch:
+    """One row per pair, prompt + chosen + rejected, with the mask and positions that make it compute
+    exactly what two separate sequences would (``PackedPreferenceBatch``). The prompt's forward
+    (and backward) runs once instead of twice: prefix sharing, as in Wang et al. 2024,
+    "Accelerating Direct Preference Optimization with Prefix Sharing" (arXiv:2410.20305)."""
+    lengths = [len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
+    width = max(lengths)
+    span = max(max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples)
+    b = len(examples)
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    attention_mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    positions = torch.zeros((2 * b, span), dtype=torch.long)
+    targets = torch.full((2 * b, span), IGNORE_INDEX, dtype=torch.long)
+    for row, (ex, n) in enumerate(zip(examples, lengths)):
+        p, c, r = len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)
+        if p == 0 or c == 0 or r == 0:
+            raise ValueError(f"pair {ex.uid}: packing needs a prompt and both responses non-empty")
+        input_ids[row, :n] = torch.tensor(ex.prompt_ids + ex.chosen_ids + ex.rejected_ids)
+        position_ids[row, :p + c] = torch.arange(p + c)
+        position_ids[row, p + c:n] = torch.arange(p, p + r)
+        mask = torch.ones((n, n), dtype=torch.bool).tril_()
+        mask[p + c:, p:p + c] = False  # rejected tokens do not see the chosen response
+        attention_mask[row, 0, :n, :n] = mask
+        pad = torch.arange(n, width)
+        attention_mask[row, 0, pad, pad] = True
+        positions[row, :c] = torch.arange(p - 1, p + c - 1)
+        positions[b + row, 0] = p - 1
+        positions[b + row, 1:r] = torch.arange(p + c, p + c + r - 1)
+        targets[row, :c] = torch.tensor(ex.chosen_ids)
+        targets[b + row, :r] = torch.tensor(ex.rejected_ids)
+    return PackedPreferenceBatch(uids=tuple(ex.uid for ex in examples), input_ids=input_ids,
+                                 position_ids=position_ids, attention_mask=attention_mask, positions=positions,
+                                 targets=targets, unpacked_tokens=sum(ex.num_tokens for ex in examples))
 
 
 @dataclass

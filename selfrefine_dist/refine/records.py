@@ -95,6 +95,40 @@ class PreferenceBatch:
         return int(self.attention_mask.sum())
 
 
+@dataclass
+class PackedPreferenceBatch:
+    """B pairs, one row each: prompt + chosen + rejected, so the prompt runs through the model once.
+
+    input_ids, position_ids: [B, L] long, right-padded. Position ids restart after the chosen
+        response: the rejected tokens sit at the positions they would have right after the prompt.
+    attention_mask: [B, 1, L, L] bool, True where a query position may attend: causal, except that
+        rejected tokens never see chosen ones (so each response sees exactly its own sequence).
+        Padding positions attend to themselves only (a row with nothing to attend gives NaN).
+    positions: [2B, T] long: the position in row (s mod B) whose hidden state predicts response
+        token t of sequence s; rows [0, B) chosen, [B, 2B) rejected (as in ``PreferenceBatch``).
+        Both responses' first tokens are predicted from the prompt's last position.
+    targets: [2B, T] long response token ids, -100 after each response's end.
+    """
+
+    uids: Tuple[str, ...]
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    targets: torch.Tensor
+    unpacked_tokens: int
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.uids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the pairs as two sequences each (prompt counted twice), as ``PreferenceBatch``
+        counts them: the unit of tokens/s, comparable with trainers that do not pack."""
+        return self.unpacked_tokens
+
+
 def examples_digest(examples: Sequence[PreferenceExample]) -> str:
     """sha256 over the examples' uids and token ids, in order: equal digests, equal data."""
     h = hashlib.sha256()

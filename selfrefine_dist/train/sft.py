@@ -24,7 +24,7 @@ from selfrefine_dist.data.demonstrations import select_demonstrations
 from selfrefine_dist.data.sft_dataset import build_sft_examples, collate
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
-from selfrefine_dist.models.logprobs import causal_token_logprobs
+from selfrefine_dist.models.logprobs import causal_nll_sum
 from selfrefine_dist.tracking import MetricsLogger
 from selfrefine_dist.train import distributed as dist
 from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
@@ -132,8 +132,7 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
         for batch in micro_batches:
             batch_on = {k: v.to(engine.device) for k, v in
                         dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).items()}
-            logps = causal_token_logprobs(engine, **batch_on)
-            nll = -logps.sum()
+            nll = causal_nll_sum(engine, **batch_on)
             engine.backward(nll * scale)
             engine.step()
             nll_sum += nll.item()

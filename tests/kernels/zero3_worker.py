@@ -1,4 +1,4 @@
-"""Two-rank ZeRO-3 check of fused_linear_token_logprobs, launched by test_zero3_fused_linear.py.
+"""Two-rank ZeRO-3 check of fused_linear_token_logprobs, fused_linear_nll_loss and fused_linear_preference_loss, launched by test_zero3_fused_linear.py.
 
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT tests/kernels/zero3_worker.py OUT_DIR
 
@@ -70,8 +70,11 @@ def rank_batch(rank: int):
     return input_ids, targets, weights
 
 
-def check(tied: bool, head_outside: bool, rank: int, world_size: int) -> dict:
-    """Run one configuration; ``head_outside`` applies the fused head after engine(...) returns."""
+def check(tied: bool, head_outside: bool, rank: int, world_size: int, nll: bool = False) -> dict:
+    """Run one configuration; ``head_outside`` applies the fused head after engine(...) returns.
+
+    ``nll``: the head outside, through fused_linear_nll_loss with token weights -w, whose value
+    sum(w * logp) is the same scalar the other configurations backpropagate."""
     import deepspeed
     from deepspeed.utils import safe_get_full_grad
 
@@ -115,16 +118,29 @@ def check(tied: bool, head_outside: bool, rank: int, world_size: int) -> dict:
 
         hidden = engine(input_ids)
         assert head.ds_status == ZeroParamStatus.NOT_AVAILABLE
-        logps = fused_linear_token_logprobs(hidden, engine.module.lm_head.weight, targets, chunk_tokens=CHUNK_TOKENS)
+        if nll:
+            from selfrefine_dist.kernels import fused_linear_nll_loss
+
+            loss = fused_linear_nll_loss(hidden, engine.module.lm_head.weight, targets, -weights,
+                                         chunk_tokens=CHUNK_TOKENS)
+        else:
+            logps = fused_linear_token_logprobs(hidden, engine.module.lm_head.weight, targets,
+                                                chunk_tokens=CHUNK_TOKENS)
     else:
         # Inside a module forward DeepSpeed gathers a parameter read by attribute and
         # registers it as external to that module; gathered_weight must then be a no-op.
         logps = engine(input_ids, targets)
     # Scale by 1: ZeRO-3's reduce-scatter averages over ranks like the reference's / world_size.
-    engine.backward((logps * weights).sum())
+    if nll:
+        engine.backward(loss)
+        want = (ref_logps[rank] * weights).sum()  # a sum of 64 terms: compared relative to its size
+        logps_error = (loss.detach() - want).abs().item() / max(1.0, want.abs().item())
+    else:
+        engine.backward((logps * weights).sum())
+        logps_error = (logps.detach() - ref_logps[rank]).abs().max().item()
 
     result = {
-        "logps": (logps.detach() - ref_logps[rank]).abs().max().item(),
+        "logps": logps_error,
         "hidden_grad": (engine.module.last_hidden.grad - ref_hidden_grads[rank]).abs().max().item(),
         "hidden_grad_norm": ref_hidden_grads[rank].norm().item(),
         "valid_tokens": int((targets != -100).sum()),
@@ -135,6 +151,84 @@ def check(tied: bool, head_outside: bool, rank: int, world_size: int) -> dict:
         result[f"grad/{name}"] = (full_grad - ref_params[name].grad).abs().max().item()
         result[f"grad_norm/{name}"] = ref_params[name].grad.norm().item()
     engine.step()  # the optimizer step must accept the reduced gradient partitions
+    engine.destroy()
+    return result
+
+
+def pair_batch(rank: int):
+    """Preference micro-batches, chosen rows then rejected: rank 0 two pairs, rank 1 one pair, 3 tokens each."""
+    gen = torch.Generator().manual_seed(200 + rank)
+    rows = 4 if rank == 0 else 2
+    input_ids = torch.randint(0, VOCAB, (rows, SEQ), generator=gen)
+    targets = torch.randint(0, VOCAB, (rows, SEQ), generator=gen)
+    targets[:, :5] = -100  # the prompt
+    if rank == 1:
+        targets[:, 8:] = -100
+    return input_ids, targets
+
+
+def pair_loss_for(targets):
+    from selfrefine_dist.losses import dpo_loss
+
+    pairs = targets.shape[0] // 2
+    lengths = (targets != -100).sum(1)
+    ref = torch.linspace(-40.0, -20.0, 2 * pairs)
+
+    def pair_loss(chosen, rejected):
+        return dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], 0.1, chosen_lengths=lengths[:pairs],
+                        rejected_lengths=lengths[pairs:], rpo_alpha=0.5).loss
+
+    return pair_loss
+
+
+def check_preference(tied: bool, rank: int, world_size: int) -> dict:
+    """fused_linear_preference_loss on the head outside the engine's forward, against autograd of
+    naive log-probs -> dpo_loss in one process (gradients averaged over ranks, as ZeRO does)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from selfrefine_dist.kernels import fused_linear_preference_loss, naive_linear_token_logprobs
+
+    torch.manual_seed(0)
+    reference = TinyLM(tied=tied, fused=False)
+    model = copy.deepcopy(reference)
+    ref_losses, ref_hidden_grads = [], []
+    for r in range(world_size):
+        input_ids, targets = pair_batch(r)
+        hidden = reference(input_ids)
+        logps = naive_linear_token_logprobs(hidden, reference.lm_head.weight, targets).sum(-1)
+        pairs = targets.shape[0] // 2
+        loss = pair_loss_for(targets)(logps[:pairs], logps[pairs:])
+        (loss / world_size).backward()
+        ref_losses.append(loss.detach())
+        ref_hidden_grads.append(reference.last_hidden.grad * world_size)
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    input_ids, targets = pair_batch(rank)
+    hidden = engine(input_ids)
+    loss, _ = fused_linear_preference_loss(hidden, engine.module.lm_head.weight, targets, pair_loss_for(targets),
+                                           chunk_tokens=CHUNK_TOKENS)
+    engine.backward(loss)
+    result = {
+        "logps": (loss.detach() - ref_losses[rank]).abs().item(),
+        "hidden_grad": (engine.module.last_hidden.grad - ref_hidden_grads[rank]).abs().max().item(),
+        "hidden_grad_norm": ref_hidden_grads[rank].norm().item(),
+        "valid_tokens": int((targets != -100).sum()),
+    }
+    ref_params = dict(reference.named_parameters())
+    for name, param in engine.module.named_parameters():
+        full_grad = safe_get_full_grad(param)
+        result[f"grad/{name}"] = (full_grad - ref_params[name].grad).abs().max().item()
+        result[f"grad_norm/{name}"] = ref_params[name].grad.norm().item()
+    engine.step()
     engine.destroy()
     return result
 
@@ -151,6 +245,10 @@ def main() -> None:
         for tied in (False, True)
         for outside in (False, True)
     }
+    for tied in (False, True):
+        name = "tied" if tied else "untied"
+        results[f"{name}/nll"] = check(tied, True, rank, world_size, nll=True)
+        results[f"{name}/preference"] = check_preference(tied, rank, world_size)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)
     torch.distributed.barrier()

@@ -150,3 +150,93 @@ def test_soft_capped_head_takes_the_logits_path():
     expected = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     torch.testing.assert_close(ours, expected * (targets != -100), atol=1e-5, rtol=0)
     assert lm_head_output_shapes(model, batch)[0] == (2, 16, 211)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_preference_loss_through_the_model(tied):
+    """The learner's fused DPO path (causal_hidden_states + fused_linear_preference_loss) gives
+    the loss and every parameter's gradient of the logits path + dpo_loss (RPO on)."""
+    from selfrefine_dist.kernels import fused_linear_preference_loss
+    from selfrefine_dist.losses import dpo_loss
+    from selfrefine_dist.models.logprobs import causal_hidden_states
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    input_ids, attention_mask, labels = make_batch(211)  # pair 0: row 0 chosen, row 1 rejected
+    targets = labels[:, 1:]
+    lengths = (targets != -100).sum(1)
+    ref = torch.tensor([-30.0, -25.0])
+
+    def loss_of(chosen, rejected):
+        return dpo_loss(chosen, rejected, ref[:1], ref[1:], 0.1, chosen_lengths=lengths[:1],
+                        rejected_lengths=lengths[1:], rpo_alpha=0.5).loss
+
+    logps = logits_path(model, input_ids, attention_mask, labels).sum(-1)
+    want = loss_of(logps[:1], logps[1:])
+    want.backward()
+    want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    hidden, weight = causal_hidden_states(model, input_ids, attention_mask)
+    loss, fused_logps = fused_linear_preference_loss(hidden, weight, targets, loss_of, chunk_tokens=4)
+    loss.backward()
+    torch.testing.assert_close(fused_logps, logps.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_packed_pairs_match_two_sequences(tied):
+    """A pair packed as one row (prompt once) gives the same response log-probs, DPO loss and
+    parameter gradients as the pair as two padded sequences (learner.head_inputs, both layouts)."""
+    from selfrefine_dist.kernels import fused_linear_preference_loss
+    from selfrefine_dist.losses import dpo_loss
+    from selfrefine_dist.refine.learner import head_inputs
+    from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_pairs
+    from selfrefine_dist.refine.records import PreferenceExample
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    gen = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return tuple(torch.randint(3, 211, (n,), generator=gen).tolist())
+
+    examples = [PreferenceExample("a", ids(7), ids(5), ids(9)), PreferenceExample("b", ids(4), ids(8), ids(2))]
+    ref = torch.tensor([-40.0, -35.0, -42.0, -20.0])
+    results = []
+    for batch in (collate_pairs(examples, 0), collate_packed_pairs(examples, 0)):
+        model.zero_grad(set_to_none=True)
+        hidden, weight, targets = head_inputs(model, batch, torch.device("cpu"))
+        lengths = (targets != -100).sum(1)
+
+        def loss_of(c, r):
+            return dpo_loss(c, r, ref[:2], ref[2:], 0.1, chosen_lengths=lengths[:2], rejected_lengths=lengths[2:],
+                            rpo_alpha=0.5).loss
+
+        loss, logps = fused_linear_preference_loss(hidden, weight, targets, loss_of)
+        loss.backward()
+        results.append((loss.detach(), logps, lengths, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, logps_a, len_a, grads_a), (loss_b, logps_b, len_b, grads_b) = results
+    assert len_a.tolist() == len_b.tolist() == [5, 8, 9, 2]
+    torch.testing.assert_close(logps_b, logps_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-6, rtol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_causal_nll_sum_matches_the_logits_path(tied):
+    """The SFT loss through the fused NLL (gradients made in the forward) equals the logits path."""
+    from selfrefine_dist.models.logprobs import causal_nll_sum
+
+    model = tiny_llama(tie_word_embeddings=tied)
+    batch = make_batch(211)
+    want = -logits_path(model, *batch).sum()
+    want.backward()
+    want_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss = causal_nll_sum(model, *batch)
+    (loss * 1.0).backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-4, rtol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want_grads[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -25,7 +25,7 @@ def spec_for(model_dir, reference_path, lr=2e-3):
         backend="gloo", zero_stage=3, offload_optimizer=False, micro_batch_size=2, grad_accum=1, lr=lr,
         weight_decay=0.0, adam_betas=(0.9, 0.95), warmup_steps=0, lr_schedule="constant", max_grad_norm=1.0,
         gradient_checkpointing=False, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=None,
-        average_log_prob=None, seed=0, threads=1,
+        average_log_prob=None, fused_loss=True, shared_prompt=True, seed=0, threads=1,
     )
 
 
@@ -74,6 +74,7 @@ def test_pairs_arrive_unchanged(trained):
 def test_first_step_matches_a_plain_torch_computation(trained, tiny_model_dir):
     history, plan = trained["history"], trained["plan"]
     assert len(history) == plan.steps == 4
+    assert history[0]["shared_prompt"] == 1.0  # packed rows (prompt once per pair) were trained on
     # policy == reference before the first update: h = 0, so the loss is -log sigmoid(0) = ln 2
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)

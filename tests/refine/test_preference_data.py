@@ -1,7 +1,9 @@
 """Pairs -> token ids -> batches -> per-rank plans: what the learners receive."""
+import pytest
+
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
 from selfrefine_dist.models.loading import load_tokenizer
-from selfrefine_dist.refine.preference_data import collate_pairs, plan_round, tokenize_pairs
+from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_pairs, plan_round, tokenize_pairs
 from selfrefine_dist.refine.records import PreferenceExample, PreferencePair, examples_digest
 
 
@@ -37,3 +39,35 @@ def test_plan_round_gives_every_rank_equal_full_batches():
     again = plan_round(examples, 2, 2, 2, 2, seed=0)
     assert [examples_digest(sum(sum(s, []), [])) for s in again.shards] == [
         examples_digest(sum(sum(s, []), [])) for s in plan.shards]
+
+
+def test_packed_rows_layout():
+    """Row = prompt + chosen + rejected; rejected restarts its positions after the prompt and never
+    sees the chosen tokens; each response token is predicted from the right position."""
+    a = PreferenceExample("a", (10, 11, 12), (20, 21), (30, 31, 32))
+    b = PreferenceExample("b", (13,), (22, 23, 24), (33,))
+    batch = collate_packed_pairs([a, b], pad_token_id=0)
+    assert batch.num_pairs == 2 and batch.num_tokens == a.num_tokens + b.num_tokens == 11 + 6
+    assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32], [13, 22, 23, 24, 33, 0, 0, 0]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5]
+    assert batch.position_ids[1, :5].tolist() == [0, 1, 2, 3, 1]
+    mask = batch.attention_mask[0, 0]
+    assert mask[5].tolist() == [True, True, True, False, False, True, False, False]  # rejected[0]: prompt + itself
+    assert mask[4].tolist() == [True] * 5 + [False] * 3  # chosen[1]: prompt + chosen so far
+    pad_rows = batch.attention_mask[1, 0, 5:]
+    assert pad_rows.sum(1).tolist() == [1, 1, 1] and pad_rows[:, 5:].diagonal().all()  # no empty row
+    # rows 0, 1 chosen; 2, 3 rejected (of pairs a, b); targets padded with -100
+    assert batch.targets.tolist() == [[20, 21, -100], [22, 23, 24], [30, 31, 32], [33, -100, -100]]
+    assert batch.positions[0, :2].tolist() == [2, 3] and batch.positions[2].tolist() == [2, 5, 6]
+    assert batch.positions[1].tolist() == [0, 1, 2] and batch.positions[3, 0].item() == 0
+    for s in range(4):  # each predicting position holds the token just before its target
+        row, seq = s % 2, batch.targets[s]
+        valid = seq != -100
+        previous = batch.input_ids[row, batch.positions[s][valid]]
+        expected = ([a, b][row].prompt_ids[-1:] + (([a, b][row].chosen_ids if s < 2 else [a, b][row].rejected_ids)[:-1]))
+        assert previous.tolist() == list(expected)
+
+
+def test_packing_refuses_an_empty_prompt():
+    with pytest.raises(ValueError, match="non-empty"):
+        collate_packed_pairs([PreferenceExample("a", (), (1,), (2,))], pad_token_id=0)
