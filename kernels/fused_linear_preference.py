@@ -14,10 +14,13 @@ fused DPO loss does), three matmuls per tile, and the backward only scales them:
 
     grad_hidden[t] = c_s * basis[t]      grad_W = sum_s c_s * G_s
 
-``c_s`` is known only once both sequences of a pair are done, so each pair keeps two [V, H]
-accumulators (chosen, rejected), folded into grad_W with their coefficients when the pair
-ends. Liger instead keeps a pair's full logits (2 x tokens x V); this keeps 2 x V x H, which
-does not grow with sequence length, plus one [C x V] tile.
+``c_s`` is known only once both sequences of a pair are done. Pairs whose tokens fit one
+tile together (short responses: the learners' usual case) are done as one tile: its dl rows
+are scaled by their pairs' coefficients, then both gradient matmuls run on the whole tile. A
+pair longer than a tile is tiled per sequence into two [V, H] accumulators (chosen,
+rejected), folded into grad_W with their coefficients when the pair ends. Liger instead
+keeps a pair's full logits (2 x tokens x V); this keeps at most one tile and 2 x V x H,
+which does not grow with sequence length.
 
 The coefficients come from autograd on the caller's ``pair_loss`` itself (one formula for
 the loss, no hand-derived gradients), evaluated after each pair. That is exact when the
@@ -76,46 +79,82 @@ def _pair_coefficients(pair_loss: PairLoss, sequence_logps: torch.Tensor, num_pa
     return grad
 
 
+def _pair_groups(pair_tokens: list[int], budget: int) -> list[list[int]]:
+    """Consecutive pairs whose valid tokens fit one tile of ``budget`` rows; a longer pair stands alone."""
+    groups, current, size = [], [], 0
+    for pair, n in enumerate(pair_tokens):
+        if current and size + n > budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(pair)
+        size += n
+    return groups + [current] if current else groups
+
+
 def _loss_and_gradients(hidden, weight, targets, pair_loss, ignore_index, backend, chunk_tokens,
                         needs_grad_hidden, needs_grad_weight):
-    """hidden [2B, T, H], weight [V, H], targets [2B, T] -> (loss, sequence_logps [2B], grad_hidden, grad_weight)."""
+    """hidden [2B, T, H], weight [V, H], targets [2B, T] -> (loss, sequence_logps [2B], grad_hidden, grad_weight).
+
+    Pairs go in groups that fit one tile (short responses, the common case): the group's dl rows
+    are scaled by their coefficients and both gradient matmuls run on the whole tile. A pair
+    longer than a tile is tiled per sequence into the two [V, H] accumulators instead.
+    """
     num_seqs, seq_len, hidden_size = hidden.shape
     num_pairs, vocab_size = num_seqs // 2, weight.shape[0]
     flat_hidden, flat_targets = hidden.reshape(-1, hidden_size), targets.reshape(-1)
     valid = flat_targets != ignore_index
     stats_dtype = torch.promote_types(hidden.dtype, torch.float32)
     sequence_logps = hidden.new_zeros(num_seqs, dtype=stats_dtype)
-    coefficients = hidden.new_zeros(num_seqs, dtype=stats_dtype)
-    # d logp_t / d h_t for every valid token, scaled by its sequence's coefficient at the end.
+    used_coefficients = hidden.new_zeros(num_seqs, dtype=stats_dtype)  # what grad_W was built with
+    seq_rows = [valid[s * seq_len:(s + 1) * seq_len].nonzero().squeeze(1) + s * seq_len for s in range(num_seqs)]
+    # d logp_t / d h_t for every valid token (row order of ``valid``), scaled by its sequence's coefficient at the end.
     basis = hidden.new_zeros((int(valid.sum()), hidden_size), dtype=stats_dtype) if needs_grad_hidden else None
-    basis_rows = valid.nonzero().squeeze(1)
-    grad_weight = accumulators = None
-    if needs_grad_weight:
-        grad_weight = weight.new_zeros(weight.shape, dtype=stats_dtype)
-        accumulators = [torch.zeros_like(grad_weight), torch.zeros_like(grad_weight)]  # chosen, rejected
-    tile_tokens = max(1, min(chunk_tokens or rows_per_chunk(vocab_size, 4), seq_len))
-    scratch = _Scratch(hidden, tile_tokens * vocab_size, backend)
-    # Where sequence s's valid tokens start in ``basis``.
-    basis_offsets = torch.cat([valid.new_zeros(1, dtype=torch.long), valid.view(num_seqs, seq_len).sum(1).cumsum(0)])
+    basis_index = torch.cumsum(valid, 0) - 1  # flat row -> its row in ``basis``
+    grad_weight = weight.new_zeros(weight.shape, dtype=stats_dtype) if needs_grad_weight else None
+    accumulators = None  # [V, H] x 2, made for the first pair longer than a tile
+    budget = max(1, chunk_tokens or rows_per_chunk(vocab_size, 4))
+    pair_tokens = [seq_rows[p].numel() + seq_rows[num_pairs + p].numel() for p in range(num_pairs)]
+    groups = _pair_groups(pair_tokens, budget)
+    tile_rows = max([min(budget, sum(pair_tokens[p] for p in g)) for g in groups] + [1])
+    scratch = _Scratch(hidden, tile_rows * vocab_size, backend)
 
-    for pair in range(num_pairs):
-        for side, seq in enumerate((pair, num_pairs + pair)):
-            rows = valid.view(num_seqs, seq_len)[seq].nonzero().squeeze(1) + seq * seq_len
-            offset = int(basis_offsets[seq])
-            for start in range(0, rows.numel(), tile_tokens):
-                tile_rows = rows[start:start + tile_tokens]
-                hidden_tile = flat_hidden.index_select(0, tile_rows)
-                logits = scratch.project(hidden_tile, weight)
-                dlogits = logits  # overwritten in place below
-                logprobs = _tile_dlogits_(scratch, logits, flat_targets.index_select(0, tile_rows), backend)
+    def tile_pass(rows):
+        """Logits of ``rows`` -> dl in place; fills their basis rows; returns (dl, hidden rows, logp)."""
+        hidden_rows = flat_hidden.index_select(0, rows)
+        logits = scratch.project(hidden_rows, weight)
+        logprobs = _tile_dlogits_(scratch, logits, flat_targets.index_select(0, rows), backend)
+        if basis is not None:
+            basis.index_copy_(0, basis_index.index_select(0, rows), (logits @ weight).to(stats_dtype))
+        return logits, hidden_rows, logprobs
+
+    for group in groups:
+        seqs = [s for pair in group for s in (pair, num_pairs + pair)]
+        if sum(pair_tokens[p] for p in group) <= budget:  # one tile: scale dl rows, two matmuls
+            rows = torch.cat([seq_rows[s] for s in seqs])
+            owner = torch.cat([torch.full_like(seq_rows[s], s) for s in seqs])
+            if rows.numel() == 0:
+                continue
+            dlogits, hidden_rows, logprobs = tile_pass(rows)
+            sequence_logps.index_add_(0, owner, logprobs.to(stats_dtype))
+            if grad_weight is not None:
+                grad = _pair_coefficients(pair_loss, sequence_logps, num_pairs)
+                used_coefficients[seqs] = grad[seqs]
+                dlogits.mul_(grad.index_select(0, owner).to(dlogits.dtype).unsqueeze(1))
+                _add_product_(grad_weight, dlogits.t(), hidden_rows)
+            continue
+        (pair,) = group  # longer than a tile: per sequence, tile by tile, into the accumulators
+        if grad_weight is not None and accumulators is None:
+            accumulators = [torch.zeros_like(grad_weight), torch.zeros_like(grad_weight)]  # chosen, rejected
+        for side, seq in enumerate(seqs):
+            for start in range(0, seq_rows[seq].numel(), budget):
+                dlogits, hidden_rows, logprobs = tile_pass(seq_rows[seq][start:start + budget])
                 sequence_logps[seq] += logprobs.sum()
-                if basis is not None:
-                    basis[offset + start:offset + start + tile_rows.numel()] = dlogits @ weight
                 if accumulators is not None:
-                    _add_product_(accumulators[side], dlogits.t(), hidden_tile)
+                    _add_product_(accumulators[side], dlogits.t(), hidden_rows)
         if accumulators is not None:
             grad = _pair_coefficients(pair_loss, sequence_logps, num_pairs)
-            for side, seq in enumerate((pair, num_pairs + pair)):
+            for side, seq in enumerate(seqs):
+                used_coefficients[seq] = grad[seq]
                 if grad[seq] != 0:
                     grad_weight.add_(accumulators[side], alpha=grad[seq].item())
                 accumulators[side].zero_()
@@ -124,31 +163,29 @@ def _loss_and_gradients(hidden, weight, targets, pair_loss, ignore_index, backen
         x = sequence_logps.detach().clone().requires_grad_(True)
         loss = pair_loss(x[:num_pairs], x[num_pairs:])
         (coefficients,) = torch.autograd.grad(loss, x)
-    if accumulators is not None:
-        _check_pairwise(pair_loss, sequence_logps, coefficients, num_pairs)
+    if grad_weight is not None:
+        _check_pairwise(used_coefficients, coefficients, [s.numel() > 0 for s in seq_rows])
     grad_hidden = None
     if basis is not None:
-        token_coefficients = coefficients.repeat_interleave(basis_offsets.diff())
+        token_coefficients = coefficients.repeat_interleave(torch.tensor([r.numel() for r in seq_rows],
+                                                                         device=hidden.device))
         grad_hidden = flat_hidden.new_zeros(flat_hidden.shape)
-        grad_hidden.index_copy_(0, basis_rows, (basis * token_coefficients.unsqueeze(1)).to(hidden.dtype))
+        grad_hidden.index_copy_(0, valid.nonzero().squeeze(1),
+                                (basis * token_coefficients.unsqueeze(1)).to(hidden.dtype))
         grad_hidden = grad_hidden.view(hidden.shape)
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return loss.detach(), sequence_logps, grad_hidden, grad_weight
 
 
-def _check_pairwise(pair_loss, sequence_logps, coefficients, num_pairs) -> None:
-    """The per-pair coefficients used for grad_W must equal the full-batch ones (see the module doc)."""
-    for pair in range(num_pairs):
-        partial = sequence_logps.clone()
-        partial[pair + 1:num_pairs] = 0  # what pair ``pair`` saw: later pairs not computed yet
-        partial[num_pairs + pair + 1:] = 0
-        grad = _pair_coefficients(pair_loss, partial, num_pairs)
-        for seq in (pair, num_pairs + pair):
-            if not torch.allclose(grad[seq], coefficients[seq], rtol=1e-5, atol=1e-12):
-                raise ValueError("pair_loss is not a sum of per-pair terms (plus linear ones): the derivative for "
-                                 f"sequence {seq} depends on other pairs ({grad[seq].item()} vs "
-                                 f"{coefficients[seq].item()}); use fused_linear_token_logprobs and autograd")
+def _check_pairwise(used, coefficients, has_tokens) -> None:
+    """grad_W was built with each pair's coefficients as soon as the pair was done (later pairs
+    still unknown); they must equal the full batch's (see the module doc)."""
+    for seq, present in enumerate(has_tokens):
+        if present and not torch.allclose(used[seq], coefficients[seq], rtol=1e-5, atol=1e-12):
+            raise ValueError("pair_loss is not a sum of per-pair terms (plus linear ones): the derivative for "
+                             f"sequence {seq} depends on other pairs ({used[seq].item()} vs "
+                             f"{coefficients[seq].item()}); use fused_linear_token_logprobs and autograd")
 
 
 class FusedLinearPreferenceLossFunction(torch.autograd.Function):

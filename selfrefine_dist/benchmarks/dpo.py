@@ -126,15 +126,16 @@ def run_tree(command: list[str], env: dict, timeout_s: float) -> tuple[subproces
 def trl_main(spec: dict) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from selfrefine_dist.models.loading import load_tokenizer
+    from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer
     from selfrefine_dist.refine.preference_data import assistant_suffix
 
     torch.set_num_threads(spec["threads"])
     tokenizer = load_tokenizer(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], torch_dtype=torch.float32)
+    model = load_causal_lm(spec["model"], "fp32")  # the folder holds bf16: slow on CPUs without AVX-512 BF16
+    assert next(model.parameters()).dtype == torch.float32
     suffix = assistant_suffix(tokenizer)
     rows = read_pair_rows(Path(spec["pairs"]))
     # The prompt already carries the chat template; responses end like ours (suffix), so
@@ -158,6 +159,7 @@ def trl_main(spec: dict) -> None:
         num_train_epochs=1, learning_rate=5e-7, lr_scheduler_type="constant", beta=0.1,
         precompute_ref_log_probs=True, max_length=4096, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        bf16=False,  # TRL defaults to bf16 autocast, ~50x slower than fp32 on an AVX2-only CPU
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[timer])

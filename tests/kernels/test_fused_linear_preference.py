@@ -80,6 +80,16 @@ def test_matches_autograd_of_the_unfused_loss_fp64(loss_type, rpo_alpha, average
     assert got[3].abs().max() > 1e-3 and got[2].abs().max() > 1e-3  # a real gradient was compared
 
 
+@pytest.mark.parametrize("chunk_tokens", [12, 40])
+def test_grouped_and_long_pairs_mixed(chunk_tokens):
+    """Tiles that hold several pairs, next to pairs longer than a tile (the accumulator path)."""
+    hidden, weight, targets, ref = make_batch(torch.float64, seed=9)
+    pair_loss = pair_loss_for(targets, ref, "robust", 0.5, True)
+    want = reference(hidden, weight, targets, pair_loss)
+    assert_all_close(ours(hidden, weight, targets, pair_loss, backend="torch", chunk_tokens=chunk_tokens), want,
+                     atol=1e-10, rtol=1e-9)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("chunk_tokens", [None, 4])
 def test_fp32_both_backends(backend, chunk_tokens):
@@ -141,9 +151,9 @@ def test_a_loss_coupling_pairs_is_refused():
     def coupled(chosen, rejected):  # the derivative for pair i depends on pair j: not decomposable
         return torch.sigmoid(chosen.sum() - rejected.sum()) ** 2
 
-    with pytest.raises(ValueError, match="not a sum of per-pair terms"):
+    with pytest.raises(ValueError, match="not a sum of per-pair terms"):  # pairs in separate tiles
         fused_linear_preference_loss(hidden.requires_grad_(), weight.requires_grad_(), targets, coupled,
-                                     backend="torch")
+                                     backend="torch", chunk_tokens=3)
 
 
 def test_bad_shapes_are_named():
