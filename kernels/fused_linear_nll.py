@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 
 from .fused_linear_logprobs import _add_product_, _Scratch
-from .fused_linear_preference import _tile_dlogits_
+from .fused_linear_preference import _tile_dlogits_, scaled_forward_grads
 from .token_logprobs import resolve_backend, rows_per_chunk
-from .zero3 import gathered_weight, hold_gathered_for_accumulation
+from .zero3 import gathered_weight
 
 
 class FusedLinearNllLossFunction(torch.autograd.Function):
@@ -58,13 +58,7 @@ class FusedLinearNllLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.grads  # freed with the graph (kept for retain_graph)
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-            hold_gathered_for_accumulation(ctx.weight)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return (*scaled_forward_grads(ctx, grad_loss), None, None, None, None, None, None, None)
 
 
 def fused_linear_nll_loss(

@@ -205,13 +205,20 @@ class FusedLinearPreferenceLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_sequence_logps):
-        grad_hidden, grad_weight = ctx.grads  # freed with the graph (kept for retain_graph)
-        if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
-        if grad_weight is not None:
-            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
-            hold_gathered_for_accumulation(ctx.weight)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return (*scaled_forward_grads(ctx, grad_loss), None, None, None, None, None, None, None)
+
+
+def scaled_forward_grads(ctx, grad_loss):
+    """The backward of a loss whose forward made its gradients: (grad_hidden, grad_weight) in
+    ``ctx.grads`` (kept, not freed, for retain_graph) times the upstream scalar; a ZeRO-3 weight
+    is held gathered until its gradient is accumulated."""
+    grad_hidden, grad_weight = ctx.grads
+    if grad_hidden is not None:
+        grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        hold_gathered_for_accumulation(ctx.weight)
+    return grad_hidden, grad_weight
 
 
 def fused_linear_preference_loss(

@@ -70,14 +70,41 @@ def rank_batch(rank: int):
     return input_ids, targets, weights
 
 
+def zero3_engine(model):
+    """``model`` under ZeRO-3 with every parameter partitioned (persistence threshold 0), SGD."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def finish(engine, reference, result: dict) -> dict:
+    """Add each parameter's max gradient difference from ``reference`` (and the reference's norm) to
+    ``result``; step (the optimizer must accept the reduced partitions) and release the engine."""
+    from deepspeed.utils import safe_get_full_grad
+
+    ref_params = dict(reference.named_parameters())
+    for name, param in engine.module.named_parameters():
+        result[f"grad/{name}"] = (safe_get_full_grad(param) - ref_params[name].grad).abs().max().item()
+        result[f"grad_norm/{name}"] = ref_params[name].grad.norm().item()
+    engine.step()
+    engine.destroy()
+    return result
+
+
 def check(tied: bool, head_outside: bool, rank: int, world_size: int, nll: bool = False) -> dict:
     """Run one configuration; ``head_outside`` applies the fused head after engine(...) returns.
 
     ``nll``: the head outside, through fused_linear_nll_loss with token weights -w, whose value
     sum(w * logp) is the same scalar the other configurations backpropagate."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_grad
-
     torch.manual_seed(0)
     reference = TinyLM(tied=tied, fused=False)
     model = copy.deepcopy(reference)
@@ -97,15 +124,7 @@ def check(tied: bool, head_outside: bool, rank: int, world_size: int, nll: bool 
         # d(rank loss)/d hidden: undo the 1/world_size, which ZeRO applies to parameters only
         ref_hidden_grads.append(reference.last_hidden.grad * world_size)
 
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine = zero3_engine(model)
     head = engine.module.lm_head.weight
     assert head.numel() == 0 and tuple(head.ds_shape) == (VOCAB, HIDDEN), "the head must be partitioned"
 
@@ -145,14 +164,7 @@ def check(tied: bool, head_outside: bool, rank: int, world_size: int, nll: bool 
         "hidden_grad_norm": ref_hidden_grads[rank].norm().item(),
         "valid_tokens": int((targets != -100).sum()),
     }
-    ref_params = dict(reference.named_parameters())
-    for name, param in engine.module.named_parameters():
-        full_grad = safe_get_full_grad(param)
-        result[f"grad/{name}"] = (full_grad - ref_params[name].grad).abs().max().item()
-        result[f"grad_norm/{name}"] = ref_params[name].grad.norm().item()
-    engine.step()  # the optimizer step must accept the reduced gradient partitions
-    engine.destroy()
-    return result
+    return finish(engine, reference, result)
 
 
 def pair_batch(rank: int):
@@ -184,9 +196,6 @@ def pair_loss_for(targets):
 def check_preference(tied: bool, rank: int, world_size: int) -> dict:
     """fused_linear_preference_loss on the head outside the engine's forward, against autograd of
     naive log-probs -> dpo_loss in one process (gradients averaged over ranks, as ZeRO does)."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_grad
-
     from selfrefine_dist.kernels import fused_linear_preference_loss, naive_linear_token_logprobs
 
     torch.manual_seed(0)
@@ -203,15 +212,7 @@ def check_preference(tied: bool, rank: int, world_size: int) -> dict:
         ref_losses.append(loss.detach())
         ref_hidden_grads.append(reference.last_hidden.grad * world_size)
 
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    engine = zero3_engine(model)
     input_ids, targets = pair_batch(rank)
     hidden = engine(input_ids)
     loss, _ = fused_linear_preference_loss(hidden, engine.module.lm_head.weight, targets, pair_loss_for(targets),
@@ -223,14 +224,7 @@ def check_preference(tied: bool, rank: int, world_size: int) -> dict:
         "hidden_grad_norm": ref_hidden_grads[rank].norm().item(),
         "valid_tokens": int((targets != -100).sum()),
     }
-    ref_params = dict(reference.named_parameters())
-    for name, param in engine.module.named_parameters():
-        full_grad = safe_get_full_grad(param)
-        result[f"grad/{name}"] = (full_grad - ref_params[name].grad).abs().max().item()
-        result[f"grad_norm/{name}"] = ref_params[name].grad.norm().item()
-    engine.step()
-    engine.destroy()
-    return result
+    return finish(engine, reference, result)
 
 
 def main() -> None:
