@@ -113,7 +113,14 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"key 'dpo.adam_betas': expected two numbers, got {cfg.dpo.adam_betas}")
     if len(cfg.sft.adam_betas) != 2:
         raise ConfigError(f"key 'sft.adam_betas': expected two numbers, got {cfg.sft.adam_betas}")
-    for section in ("train", "eval"):
+    if any(t < 0 for t in cfg.sampler.temperature_schedule):
+        raise ConfigError(f"key 'sampler.temperature_schedule': temperatures must be >= 0, got "
+                          f"{cfg.sampler.temperature_schedule}")
+    if cfg.refine.probe_questions < 0:
+        raise ConfigError(f"key 'refine.probe_questions': must be >= 0, got {cfg.refine.probe_questions}")
+    if cfg.refine.select_best_round and not cfg.data.validation:
+        raise ConfigError("key 'refine.select_best_round': needs validation questions in 'data.validation'")
+    for section in ("train", "eval", "validation"):
         for i, ds in enumerate(getattr(cfg.data, section)):
             if ds.source == "file" and not ds.path:
                 raise ConfigError(f"key 'data.{section}[{i}].path': required when source is 'file'")

@@ -28,6 +28,9 @@ class RunConfig:
     # same command again finds (and resumes) the same run.
     dir: str = ""
     seed: int = 0
+    # A folder of other run directories (a sweep's variants): a stage whose fingerprint equals a
+    # finished stage there is linked into this run instead of being computed again (null: off).
+    reuse_from: Optional[str] = None
 
 
 @dataclass
@@ -61,6 +64,9 @@ class DatasetConfig:
     # Keep rows [offset, offset + limit) after loading (limit null: all).
     offset: int = 0
     limit: Optional[int] = None
+    # SFT target style of this slice (null: ``data.prompt_style``). "direct" trains the answer
+    # sentence alone: tasks with no teacher rationale can still teach the answer format.
+    prompt_style: Optional[str] = field(default=None, metadata={"choices": (None, "cot", "direct")})
 
 
 @dataclass
@@ -71,6 +77,9 @@ class DataConfig:
     eval: List[DatasetConfig] = field(
         default_factory=lambda: [DatasetConfig(task="gsm8k", split="test")]
     )
+    # Held-out questions for choosing settings and the best round (``refine.select_best_round``);
+    # never reported as the result. Empty: no validation.
+    validation: List[DatasetConfig] = field(default_factory=list)
     # Prompt + response tokens; longer examples are dropped and counted, never truncated.
     max_len: int = 1024
     # Prompt style of the SFT targets: chain of thought or direct answer.
@@ -165,6 +174,9 @@ class SamplerConfig:
     # K: sampled reasoning paths per question per round.
     samples_per_question: int = 4
     temperature: float = 1.0
+    # Per-round temperatures: round r samples at temperature_schedule[r - 1] (the last value repeats);
+    # empty: ``temperature`` every round.
+    temperature_schedule: List[float] = field(default_factory=list)
     top_p: float = 1.0
     max_new_tokens: int = 256
     # Engine-wide seed; each round and each work item derive their own from it.
@@ -251,8 +263,21 @@ class RefineConfig:
     pair_strategy: str = choice("correct_vs_incorrect", "correct_vs_incorrect", "cot_vs_direct",
                                 "teacher_vs_incorrect")
     max_pairs_per_question: int = 4
-    # Questions sampled per round (null: every training question); rounds walk through the set.
+    # Questions sampled per round (null: every training question).
     questions_per_round: Optional[int] = None
+    # fresh: rounds walk through the training questions, each round on questions no earlier round
+    # saw (until the set wraps around); same: every round on the same first questions.
+    question_order: str = choice("fresh", "fresh", "same")
+    # outcome: a path is correct when its final answer matches the gold answer; step_checked: also
+    # every checkable step must be right (chain_sum's running totals); a right answer reached through
+    # a wrong step is "lucky" and counts as incorrect. Tasks without checkable steps use the outcome.
+    reward: str = choice("outcome", "outcome", "step_checked")
+    # Greedy accuracy on up to this many of the round's own questions, before and after its DPO
+    # (the report's "did the round learn what it trained on"; 0: off).
+    probe_questions: int = 32
+    # Evaluate every round on ``data.validation`` and report the best one as the final model
+    # (the paper keeps the checkpoint that does best on validation); false: the last round.
+    select_best_round: bool = False
     # DeepSpeed learner ranks (Ray actors in one placement group).
     num_learners: int = 2
     cpus_per_learner: float = 1.0
