@@ -7,6 +7,10 @@ Commands:
   dpo    DPO on a file of preference pairs (dpo.pairs_file), from the run's SFT model
   teach  generate teacher demonstrations for data.train and keep those that match the gold answer
   config print the resolved config and exit
+  sweep  run a grid of variants, sharing the stages they share, and write sweep.md:
+           selfrefine sweep --config X [key=value ...] --grid "dpo.lr=[1.0e-6,5.0e-6]" "dpo.beta=[0.1,0.3]" --seeds 0 1
+  compare  paired changes between evaluations (run directories, RUNDIR:LABEL or eval files):
+           selfrefine compare runs/a:sft runs/a runs/b
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from selfrefine_dist.config import ConfigError, load_config, to_yaml
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="selfrefine", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("command", choices=["sft", "dpo", "eval", "run", "teach", "config"])
+    p.add_argument("command", choices=["sft", "dpo", "eval", "run", "teach", "config", "sweep", "compare"])
     p.add_argument("--config", help="YAML file in configs/ (schema: selfrefine_dist/config/schema.py)")
     p.add_argument("--model", help="eval: a Hugging Face folder or hub id to score")
     p.add_argument("--label", default=None, help="eval: the name of this model in the results")
@@ -29,7 +33,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfrefine sweep", description="Run a grid of variants (see selfrefine_dist/sweep.py)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--grid", nargs="+", required=True, help='"key.sub=[v1,v2,...]" ...')
+    p.add_argument("--seeds", nargs="+", type=int, default=[], help="run every grid point with each seed")
+    p.add_argument("--dir", default=None, help="the sweep's folder (default runs/sweep_<config stem>)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every variant")
+    return p
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from selfrefine_dist.eval.compare import compare_main
+
+        return compare_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        return _sweep(_sweep_parser().parse_intermixed_args(argv[1:]))
     args = _parser().parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -47,6 +68,21 @@ def main(argv=None) -> int:
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2
+
+
+def _sweep(args) -> int:
+    from selfrefine_dist.data.sources import DataError
+    from selfrefine_dist.sweep import run_sweep
+
+    try:
+        run_sweep(args.config, args.grid, args.seeds, args.overrides, args.dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run_command(args, cfg) -> int:

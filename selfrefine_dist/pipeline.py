@@ -2,24 +2,28 @@
 
     teach (optional) -> SFT -> evaluate base and SFT -> self-refine rounds (evaluated) -> table, report
 
-Each stage writes into the run directory and is skipped when its output is already there, so
-running the same command again continues where it stopped. SFT runs on learner processes
-started by torchrun or the deepspeed launcher; sampling, evaluation and the DPO rounds run on
-Ray actors (a local Ray, or the cluster named by ``ray.address``).
+Every stage is fingerprinted (``stages.py``; the keys each depends on in ``stage_specs.py``): a rerun
+reuses what did not change, recomputes from the first stage a change touches, and continues a stage
+cut off half-way. SFT runs on learner processes started by torchrun or the deepspeed launcher;
+sampling, evaluation and the DPO rounds run on Ray actors (a local Ray, or the cluster named by
+``ray.address``). The sampler pool starts on first use: a rerun that reuses everything starts no engine.
 """
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.eval.evaluate import EvalResult, comparison_table, evaluate_with_pool, read_result, write_result
 from selfrefine_dist.launch import run_learners
 from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
-from selfrefine_dist.tracking import MetricsLogger
+from selfrefine_dist.refine import artifacts
+from selfrefine_dist.stage_specs import base_model_identity, eval_stage, examples_digest, sft_stage, teach_stage
+from selfrefine_dist.stages import StageLedger, fingerprint
+from selfrefine_dist.tracking import MetricsLogger, config_dict
 
 
 def train_tasks(cfg: Config) -> List[str]:
@@ -39,10 +43,38 @@ def start_ray(cfg: Config) -> None:
                  log_to_driver=True)
 
 
-def make_pool(cfg: Config, model_path: str):
-    from selfrefine_dist.sampling.pool import SamplerPool
+class Samplers:
+    """The sampler pool, started on first use, and which model version it holds."""
 
-    return SamplerPool(cfg.sampler, model_path, resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code)
+    def __init__(self, cfg: Config, model_path: str, version: int = 0):
+        self.cfg, self.model_path, self.first_version = cfg, model_path, version
+        self._pool = None
+        self.start_s = 0.0
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            from selfrefine_dist.sampling.pool import SamplerPool
+
+            t0 = time.perf_counter()
+            start_ray(self.cfg)
+            self._pool = SamplerPool(self.cfg.sampler, self.model_path, resolve_dtype(self.cfg.model.dtype),
+                                     self.cfg.model.trust_remote_code)
+            self._pool.version = self.first_version
+            self.start_s = time.perf_counter() - t0
+        return self._pool
+
+    def ensure(self, version: int, folder: str) -> None:
+        """Bring the samplers to ``version`` from its exported folder when they hold another one."""
+        from selfrefine_dist.refine.sync import load_folder_into_pool
+
+        if self.pool.version != version:
+            load_folder_into_pool(self.pool, folder, version, self.cfg.refine.sync_bucket_mb << 20)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 def without_training_questions(eval_examples, train_examples):
@@ -57,102 +89,147 @@ def without_training_questions(eval_examples, train_examples):
 
 
 class Evaluator:
-    """Scores whatever weights the sampler pool holds, on ``examples``; finished evaluations are read back."""
+    """Greedy evaluation of a model version on ``examples`` (``split``: "eval" or "validation"), one
+    fingerprinted stage per model; finished evaluations are read back."""
 
-    def __init__(self, cfg: Config, run_dir: Path, pool, tokenizer, logger: MetricsLogger, examples=None):
-        self.cfg, self.out, self.pool, self.tokenizer, self.logger = cfg, Path(run_dir) / "eval", pool, tokenizer, logger
-        self.examples = examples if examples is not None else load_slices(cfg.data.eval)
+    def __init__(self, cfg: Config, run_dir: Path, samplers: Samplers, tokenizer, logger: MetricsLogger,
+                 ledger: StageLedger, examples, split: str = "eval"):
+        self.cfg, self.out, self.samplers, self.tokenizer = cfg, Path(run_dir) / split, samplers, tokenizer
+        self.logger, self.ledger, self.examples, self.split = logger, ledger, examples, split
+        self.digest = examples_digest(examples)
         self.results: List[EvalResult] = []
 
-    def done(self, label: str) -> bool:
-        return (self.out / f"{label}.json").is_file()
-
-    def __call__(self, label: str) -> dict:
+    def __call__(self, label: str, model_fp: str, version: int, folder: str) -> dict:
         t0 = time.perf_counter()
         tasks = train_tasks(self.cfg)
-        if self.done(label):
+        stage = eval_stage(self.cfg, label, model_fp, self.digest, resolve_dtype(self.cfg.model.dtype), self.split)
+        if self.ledger.prepare(stage) == "reuse":
             result = read_result(label, self.out, tasks, self.cfg.eval.bootstrap_samples)
         else:
-            e = self.cfg.eval
-            result = evaluate_with_pool(label, self.pool, self.tokenizer, self.examples, tasks, e.max_new_tokens,
+            self.ledger.started(stage)
+            self.samplers.ensure(version, folder)
+            e, pool = self.cfg.eval, self.samplers.pool
+            result = evaluate_with_pool(label, pool, self.tokenizer, self.examples, tasks, e.max_new_tokens,
                                         e.bootstrap_samples, e.pass_k, e.pass_k_temperature,
                                         self.cfg.logging.progress_bars)
-            write_result(result, self.out)
-            if self.pool.last_stats is not None:
-                self.logger.log({"generated_tokens": self.pool.last_stats.generated_tokens,
-                                 "tokens_per_s": self.pool.last_stats.tokens_per_s}, stage=f"eval/{label}/sampling")
+            write_result(result, self.out, tasks)
+            self.ledger.finished(stage)
+            if pool.last_stats is not None:
+                self.logger.log({"generated_tokens": pool.last_stats.generated_tokens,
+                                 "tokens_per_s": pool.last_stats.tokens_per_s}, stage=f"{self.split}/{label}/sampling")
         self.results = [r for r in self.results if r.label != label] + [result]
         metrics = {f"eval_{t}_accuracy": a.accuracy for t, a in result.per_task.items()}
         metrics.update({f"eval_{t}_pass_at_{self.cfg.eval.pass_k}": v for t, v in result.pass_at_k.items()})
         metrics.update(eval_in_domain_accuracy=result.in_domain.accuracy,
-                       eval_out_of_domain_accuracy=result.out_of_domain.accuracy)
-        self.logger.log({**metrics, "seconds": time.perf_counter() - t0}, stage=f"eval/{label}")
-        print(f"eval {label}: in-domain {result.in_domain} | out-of-domain {result.out_of_domain}", flush=True)
+                       eval_out_of_domain_accuracy=result.out_of_domain.accuracy, eval_accuracy=pooled(result))
+        self.logger.log({**metrics, "seconds": time.perf_counter() - t0}, stage=f"{self.split}/{label}")
+        print(f"{self.split} {label}: in-domain {result.in_domain} | out-of-domain {result.out_of_domain}", flush=True)
         return metrics
 
 
-def run_sft_stage(cfg: Config, run_dir: Path, config_file: Path) -> Path:
+def pooled(result: EvalResult) -> float:
+    """Accuracy over every question of an evaluation."""
+    rows = result.samples
+    return sum(bool(r["correct"]) for r in rows) / len(rows) if rows else float("nan")
+
+
+def choose_final(cfg: Config, run_dir: Path, validate: Optional[Evaluator]) -> dict:
+    """The model a run reports: the best round on ``data.validation`` (``refine.select_best_round``; ties go to
+    the earlier round, SFT included as round 0), else the last round. Written to ``<run>/final.json``."""
+    rounds = cfg.refine.rounds
+    if cfg.refine.select_best_round and validate is not None:
+        scores = {0 if r.label == "sft" else int(r.label.split("_")[1]): pooled(r) for r in validate.results
+                  if r.label == "sft" or r.label.startswith("round_")}
+        best = max(sorted(scores), key=lambda r: scores[r])
+        final = {"label": "sft" if best == 0 else f"round_{best}", "round": best,
+                 "reason": f"best validation accuracy {scores[best]:.4f} of rounds "
+                           + ", ".join(f"{r}: {scores[r]:.4f}" for r in sorted(scores))}
+    else:
+        final = {"label": f"round_{rounds}" if rounds else "sft", "round": rounds, "reason": "last round"}
+    artifacts.write_json(Path(run_dir) / "final.json", final)
+    return final
+
+
+def run_sft_stage(cfg: Config, run_dir: Path, config_file: Path, ledger: StageLedger, stage) -> Path:
     sft_model = run_dir / "sft" / "model"
-    if not (sft_model / "config.json").is_file():
+    if ledger.prepare(stage) != "reuse":
+        ledger.started(stage)
         resolve_model_path(cfg.model.name_or_path)  # convert packaged models once, not in every learner
         run_learners(cfg.distributed.launcher, cfg.distributed.nproc_per_node, cfg.distributed.master_port,
                      ["sft", "--config", str(config_file)])
+        ledger.finished(stage)
     return sft_model
 
 
-def run_pipeline(cfg: Config, run_dir: Path, config_file: Path) -> List[EvalResult]:
+def run_pipeline(cfg: Config, run_dir: Path, config_file: Path, logger: Optional[MetricsLogger] = None
+                 ) -> List[EvalResult]:
     from selfrefine_dist.refine.driver import SelfRefineLoop
-    from selfrefine_dist.refine.sync import load_folder_into_pool
 
-    logger = MetricsLogger(run_dir, wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
-                           wandb_run_name=cfg.logging.wandb_run_name)
+    own_logger = logger is None
+    if logger is None:
+        logger = MetricsLogger(run_dir, wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
+                               wandb_run_name=cfg.logging.wandb_run_name, config=config_dict(cfg))
+    ledger = StageLedger(run_dir, cfg.run.reuse_from)
     seconds = {}
     # Bad data fails here, with the file named, before any stage starts.
     questions, eval_examples = load_slices(cfg.data.train), load_slices(cfg.data.eval)
     eval_examples, overlap = without_training_questions(eval_examples, questions)
+    validation_examples, val_overlap = without_training_questions(load_slices(cfg.data.validation), questions)
     print(f"data: {len(questions)} training questions, {len(eval_examples)} evaluation questions"
-          + (f" ({overlap} left out: the same question is in the training data)" if overlap else ""), flush=True)
-    base_model = resolve_model_path(cfg.model.name_or_path)
+          + (f" ({overlap} left out: the same question is in the training data)" if overlap else "")
+          + (f", {len(validation_examples)} validation questions" if validation_examples else "")
+          + (f" ({val_overlap} left out)" if val_overlap else ""), flush=True)
+    dtype = resolve_dtype(cfg.model.dtype)
+    train_digest = examples_digest(questions)
 
+    teach_fp = None
     if cfg.teach.enabled:
         from selfrefine_dist.refine.teach import run_teach_stage
 
         t0 = time.perf_counter()
-        run_teach_stage(cfg, run_dir)
+        stage = teach_stage(cfg, train_digest)
+        if ledger.prepare(stage) != "reuse":
+            ledger.started(stage)
+            run_teach_stage(cfg, run_dir)
+            ledger.finished(stage)
+        teach_fp = stage.fingerprint
         seconds["teach"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    sft_model = str(run_sft_stage(cfg, run_dir, config_file))
+    sft = sft_stage(cfg, dtype, train_digest, teach_fp)
+    logger.suspend()  # the SFT learners log into the same W&B run; one process may hold it at a time
+    sft_model = str(run_sft_stage(cfg, run_dir, config_file, ledger, sft))
     seconds["sft"] = time.perf_counter() - t0
 
-    start_ray(cfg)
-    t0 = time.perf_counter()
-    pool = make_pool(cfg, sft_model)
-    seconds["sampler_start"] = time.perf_counter() - t0
-    evaluate = Evaluator(cfg, run_dir, pool, load_tokenizer(sft_model, cfg.model.trust_remote_code), logger,
-                         eval_examples)
-    bucket_bytes = cfg.refine.sync_bucket_mb << 20
-    if cfg.eval.include_base:
-        t0 = time.perf_counter()
-        if not evaluate.done("base"):
-            load_folder_into_pool(pool, base_model, version=-1, bucket_bytes=bucket_bytes)
-        evaluate("base")
-        seconds["eval_base"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    if pool.version != 0:
-        load_folder_into_pool(pool, sft_model, version=0, bucket_bytes=bucket_bytes)
-    evaluate("sft")
-    seconds["eval_sft"] = time.perf_counter() - t0
-
-    loop = SelfRefineLoop(cfg, run_dir, sft_model, questions, pool, logger, evaluate)
-    t0 = time.perf_counter()
+    samplers = Samplers(cfg, sft_model)
+    tokenizer = load_tokenizer(sft_model, cfg.model.trust_remote_code)
+    evaluate = Evaluator(cfg, run_dir, samplers, tokenizer, logger, ledger, eval_examples)
+    validate = (Evaluator(cfg, run_dir, samplers, tokenizer, logger, ledger, validation_examples, "validation")
+                if validation_examples else None)
+    loop = SelfRefineLoop(cfg, run_dir, sft_model, sft.fingerprint, questions, samplers, logger, ledger,
+                          evaluate, validate)
     try:
+        if cfg.eval.include_base:
+            t0 = time.perf_counter()
+            base_fp = fingerprint(base_model_identity(cfg, dtype))
+            evaluate("base", base_fp, -1, resolve_model_path(cfg.model.name_or_path))
+            seconds["eval_base"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate("sft", sft.fingerprint, 0, sft_model)
+        if validate is not None:
+            validate("sft", sft.fingerprint, 0, sft_model)
+        seconds["eval_sft"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         loop.run()
+        seconds["rounds"] = time.perf_counter() - t0
     finally:
         loop.shutdown()
-    seconds["rounds"] = time.perf_counter() - t0
+        seconds["sampler_start"] = samplers.start_s
+        samplers.shutdown()
     logger.log({f"{k}_s": v for k, v in seconds.items()}, stage="timing")
 
+    final = choose_final(cfg, run_dir, validate)
+    print(f"final model: {final['label']} ({final['reason']})", flush=True)
     results = evaluate.results
     table = comparison_table(results)
     (run_dir / "eval" / "table.md").write_text(table + "\n")
@@ -160,15 +237,22 @@ def run_pipeline(cfg: Config, run_dir: Path, config_file: Path) -> List[EvalResu
     from selfrefine_dist.report import write_report
 
     print(f"report: {write_report(run_dir)}", flush=True)
-    logger.finish()
+    if own_logger:
+        logger.finish()
     return results
 
 
 def run_eval_command(cfg: Config, run_dir: Path, model: str, label: str) -> EvalResult:
     """``selfrefine eval --model X``: one model on ``data.eval``, on a sampler pool of its own."""
-    start_ray(cfg)
-    pool = make_pool(cfg, model)
-    evaluate = Evaluator(cfg, run_dir, pool, load_tokenizer(model, cfg.model.trust_remote_code),
-                         MetricsLogger(run_dir, wandb_mode=cfg.logging.wandb_mode))
-    evaluate(label)
+    samplers = Samplers(cfg, model)
+    ledger = StageLedger(run_dir)
+    logger = MetricsLogger(run_dir, wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
+                           wandb_run_name=cfg.logging.wandb_run_name, config=config_dict(cfg))
+    evaluate = Evaluator(cfg, run_dir, samplers, load_tokenizer(model, cfg.model.trust_remote_code), logger, ledger,
+                         load_slices(cfg.data.eval))
+    try:
+        evaluate(label, fingerprint({"folder": str(Path(model).resolve()), "label": label}), 0, model)
+    finally:
+        samplers.shutdown()
+        logger.finish()
     return evaluate.results[-1]

@@ -1,10 +1,15 @@
 """A run's report, ``<run>/report.md`` with plots in ``<run>/report/``, built from the run's files alone.
 
-    eval/<label>.json, eval/<label>_samples.jsonl  accuracy per stage; the paired sft -> last round change
-    rounds/round_NN/summary.json                   sample pass rates, pairs kept and dropped, seconds per stage
+    eval/<label>.json, eval/<label>_samples.jsonl  accuracy per stage; the paired sft -> final model change
+    final.json                                     the final model ("label", "round", "reason": best on validation
+                                                   or the last round); the change is measured to it
+    validation/sft_samples.jsonl                   sft on the validation questions, round 1's point of comparison
+    rounds/round_NN/summary.json                   sample pass rates, pairs kept and dropped, probe and validation
+                                                   accuracy, seconds per stage
     rounds/round_NN/dpo_metrics.jsonl              DPO rewards and accuracies per optimizer step
     metrics.jsonl                                  stage "timing" (seconds per pipeline stage), stage "sft" (loss)
-    config.yaml                                    the trained-on tasks, which split in-domain from out-of-domain
+    config.yaml                                    the trained-on tasks (which split in-domain from out-of-domain),
+                                                   dpo.beta and dpo.reference
 
 A missing source leaves its section with one line saying so. Plots are drawn on bare matplotlib
 ``Figure`` objects (Agg canvas), so making a report touches no global pyplot state.
@@ -13,49 +18,18 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-ROUND_STAGES = ("sample", "pair", "reference_logps", "dpo", "export", "sync", "eval")
+from selfrefine_dist.eval.compare import (MDE_NOTE, POOLED, differences_by_scope, headline, mde_points, points,
+                                         train_tasks_in)
 
-
-@dataclass(frozen=True)
-class Difference:
-    """Mean per-question change in accuracy (fractions) with its 95% bootstrap interval, over n questions."""
-
-    mean: float
-    ci_low: float
-    ci_high: float
-    n: int
-
-    @property
-    def excludes_zero(self) -> bool:
-        return self.n > 0 and (self.ci_low > 0 or self.ci_high < 0)
-
-
-def paired_difference(before: Sequence[dict], after: Sequence[dict], resamples: int = 2000,
-                      seed: int = 0) -> Difference:
-    """Accuracy of ``after`` minus ``before`` on the questions both answered, matched by (uid, task).
-
-    d_i = correct_after_i - correct_before_i in {-1, 0, 1}; the estimate is mean(d), the interval the 2.5/97.5
-    percentiles of the means of ``resamples`` resamples of the questions. Resampling questions (not each run
-    apart) keeps the pairing, so the interval is far narrower than the two accuracies' own intervals suggest.
-    """
-    first = {(r["uid"], r["task"]): float(bool(r["correct"])) for r in before}
-    second = {(r["uid"], r["task"]): float(bool(r["correct"])) for r in after}
-    keys = sorted(set(first) & set(second))  # a fixed order, so the seeded resamples do not depend on file order
-    d = np.array([second[k] - first[k] for k in keys])
-    if len(d) == 0:
-        return Difference(float("nan"), float("nan"), float("nan"), 0)
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return Difference(float(d.mean()), float(low), float(high), len(d))
+ROUND_STAGES = ("sample", "pair", "reference_logps", "dpo", "export", "sync", "eval", "validate", "probe")
 
 
 def write_report(run_dir: Path) -> Path:
@@ -68,8 +42,10 @@ def write_report(run_dir: Path) -> Path:
     evals = _read_evals(run_dir / "eval")
     summaries, histories = _read_rounds(run_dir / "rounds")
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    sections = [(_accuracy_section, evals, plots), (_change_section, evals, run_dir),
+    config = _read_config(run_dir)
+    sections = [(_accuracy_section, evals, plots), (_change_section, evals, run_dir, config),
                 (_rounds_section, summaries, plots), (_dpo_section, histories, plots),
+                (_why_section, summaries, histories, config, _pooled_accuracy(run_dir / "validation" / "sft"), plots),
                 (_timing_section, metrics, summaries, plots), (_sft_section, metrics, plots)]
     parts = [f"# Report: {run_dir.name}"]
     for build, *args in sections:
@@ -100,6 +76,12 @@ def _read_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def _pooled_accuracy(stem: Path) -> Optional[float]:
+    """Accuracy over every question of ``<stem>_samples.jsonl`` (e.g. validation/sft); None without the file."""
+    rows = _read_jsonl(stem.with_name(f"{stem.name}_samples.jsonl"))
+    return sum(bool(r.get("correct")) for r in rows) / len(rows) if rows else None
+
+
 def _stage_order(label: str) -> tuple:
     m = re.fullmatch(r"round_(\d+)", label)
     if label in ("base", "sft"):
@@ -121,14 +103,15 @@ def _read_rounds(rounds_dir: Path):
     return summaries, histories
 
 
-def _train_tasks(run_dir: Path) -> Optional[set]:
-    """The tasks trained on, from the resolved ``config.yaml``; None when it cannot be read."""
+def _read_config(run_dir: Path) -> Optional[dict]:
+    """The run's resolved ``config.yaml``; None when it cannot be read."""
     import yaml
 
     try:
-        return {d["task"] for d in yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["train"]}
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
         return None
+    return config if isinstance(config, dict) else None
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -179,32 +162,38 @@ def _accuracy_section(evals: Dict[str, dict], plots: Path) -> str:
     return f"## Accuracy\n\nAccuracy (%) with 95% bootstrap interval.\n\n{_save(fig, plots, 'accuracy')}\n\n{table}"
 
 
-def _change_section(evals: Dict[str, dict], run_dir: Path) -> str:
+def _final_model(evals: Dict[str, dict], run_dir: Path) -> Tuple[Optional[str], str]:
+    """(label to compare sft with, a sentence saying why that one): final.json's choice when it was evaluated,
+    else the last round."""
     rounds = [s for s in evals if _stage_order(s)[0] == 2]
-    if "sft" not in evals or not rounds:
+    last = rounds[-1] if rounds else None
+    final = _read_json(run_dir / "final.json")
+    chosen = final.get("label") if final else None
+    if chosen is None:
+        return last, f"{last} is the last round." if last else ""
+    picked = f"final.json: {chosen} (round {final.get('round', '-')}), reason: {final.get('reason', '-')}"
+    if chosen == "sft":
+        return last, f"The final model is sft itself ({picked}); the last round, {last}, is shown for reference."
+    if chosen not in evals:
+        return last, f"final.json names {chosen}, but eval/{chosen}.json is not there; the last round, {last}, instead."
+    return chosen, f"{chosen} is the final model ({picked})."
+
+
+def _change_section(evals: Dict[str, dict], run_dir: Path, config: Optional[dict]) -> str:
+    target, why = _final_model(evals, run_dir)
+    if "sft" not in evals or target is None:
         return "## Change from sft to the last round\n\nNeeds the sft evaluation and at least one round's; not found."
-    last = rounds[-1]
-    before, after = (_read_jsonl(run_dir / "eval" / f"{s}_samples.jsonl") for s in ("sft", last))
+    before, after = (_read_jsonl(run_dir / "eval" / f"{s}_samples.jsonl") for s in ("sft", target))
     if not before or not after:
-        return f"## Change from sft to {last}\n\nPer-question outcomes (eval/<label>_samples.jsonl) not found."
-    train = _train_tasks(run_dir)
-    tasks = sorted({r["task"] for r in before + after})
-    pooled = ([("in-domain", train), ("out-of-domain", set(tasks) - train)] if train is not None
-              else [("all tasks", set(tasks))])
-    scopes = pooled + [(t, {t}) for t in tasks]
-    lines, rows = [], []
-    for i, (name, keep) in enumerate(scopes):
-        diff = paired_difference([r for r in before if r["task"] in keep], [r for r in after if r["task"] in keep])
-        if diff.n == 0:
-            continue
-        ci = f"{100 * diff.mean:+.1f} [{100 * diff.ci_low:+.1f}, {100 * diff.ci_high:+.1f}]"
-        rows.append([name, diff.n, ci, "yes" if diff.excludes_zero else "no"])
-        if i < len(pooled):  # the headline: pooled scopes in words, every scope in the table
-            lines.append(f"- **{name}**: {ci} points (n={diff.n}); the interval "
-                         + ("excludes 0." if diff.excludes_zero else "includes 0: no clear change."))
-    table = _table(["scope", "questions", "change (points) [95% CI]", "interval excludes 0"], rows)
-    note = "Paired bootstrap over the questions both evaluations answered (matched by uid and task)."
-    return f"## Change from sft to {last}\n\n{note}\n\n" + "\n".join(lines) + f"\n\n{table}"
+        return f"## Change from sft to {target}\n\nPer-question outcomes (eval/<label>_samples.jsonl) not found."
+    stored = evals[target].get("train_tasks", evals["sft"].get("train_tasks"))
+    train = stored if stored is not None else train_tasks_in(config)
+    diffs = differences_by_scope(before, after, train)
+    lines = [headline(name, d) for name, d in diffs.items() if name in POOLED]
+    rows = [[name, d.n, points(d), "yes" if d.excludes_zero else "no", mde_points(d)] for name, d in diffs.items()]
+    table = _table(["scope", "questions", "change (points) [95% CI]", "interval excludes 0", "MDE (points)"], rows)
+    note = f"Paired bootstrap over the questions both evaluations answered (matched by uid and task). {MDE_NOTE}"
+    return f"## Change from sft to {target}\n\n{why}\n\n{note}\n\n" + "\n".join(lines) + f"\n\n{table}"
 
 
 def _rounds_section(summaries: Dict[int, dict], plots: Path) -> str:
@@ -259,6 +248,129 @@ def _dpo_section(histories: Dict[int, List[dict]], plots: Path) -> str:
                           ("rewards/margins", "rewards/accuracies", "loss"))] for r, h in histories.items()]
     table = _table(["round", "steps", *(f"{k} (first -> last)" for k in ("margin", "accuracy", "loss"))], rows)
     return f"## DPO\n\n{_save(fig, plots, 'dpo')}\n\n{table}"
+
+
+def _displacement(history: List[dict], beta: Optional[float]) -> Tuple[np.ndarray, np.ndarray]:
+    """Per step, the policy's chosen and rejected log-probs minus the reference's (summed over the response, nats):
+    TRL's rewards/chosen and rewards/rejected are beta * (policy logp - reference logp). Without beta: the rewards."""
+    scale = beta if beta else 1.0
+    return tuple(np.array([h.get(k, np.nan) for h in history], dtype=float) / scale
+                 for k in ("rewards/chosen", "rewards/rejected"))
+
+
+def _falling(values: np.ndarray) -> bool:
+    """Below zero at the last step and decreasing over the round (least-squares slope < 0; each step's values come
+    from a different batch, so a fit is steadier than last minus first)."""
+    x = np.flatnonzero(np.isfinite(values))
+    return len(x) >= 2 and values[x[-1]] < 0 and np.polyfit(x, values[x], 1)[0] < 0
+
+
+def _percent(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+SHARE_KEYS = ("sample_accuracy", "no_answer_rate", "lucky_share", "probe_accuracy_before", "probe_accuracy_after",
+              "validation_accuracy")  # round summary keys holding fractions, shown as percentages
+
+
+def _summary_cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("pass_at_") or key in SHARE_KEYS:
+        return _percent(value)
+    return f"{value:.0f}" if key == "mean_path_tokens" else str(value)
+
+
+def _verdict(s: dict, prev: Optional[dict], prev_name: str, shift: Optional[Tuple[np.ndarray, np.ndarray]]) -> str:
+    """What the numbers say about a round (summary ``s``) next to the stage before it (``prev``, named
+    ``prev_name``): gains first, then losses, then the rest; facts, not causes."""
+    good, bad, other = [], [], []
+    prev = prev or {}
+    before, after, n = s.get("probe_accuracy_before"), s.get("probe_accuracy_after"), s.get("probe_questions")
+    if before is not None and after is not None:
+        change, on = 100 * (after - before), "" if n is None else f" on {n}"
+        if change > 0:
+            good.append(f"learned its own questions ({change:+.1f} points{on})")
+        elif change < 0:
+            bad.append(f"lost ground on its own questions ({change:+.1f} points{on})")
+        else:
+            other.append(f"no change on its own questions ({100 * after:.1f}%{on})")
+    if s.get("validation_accuracy") is not None and prev.get("validation_accuracy") is not None:
+        change = 100 * (s["validation_accuracy"] - prev["validation_accuracy"])
+        if change:
+            (good if change > 0 else bad).append(f"validation {change:+.1f} points vs {prev_name}")
+        else:
+            other.append(f"validation unchanged vs {prev_name}")
+    if shift is not None and len(shift[0]) and np.isfinite(shift[0][-1]) and np.isfinite(shift[1][-1]):
+        chosen, rejected = shift[0][-1], shift[1][-1]
+        values = f"chosen {chosen:+.2f}, rejected {rejected:+.2f} vs the reference"
+        if _falling(shift[0]) and _falling(shift[1]):
+            bad.append(f"likelihood displacement: chosen and rejected both fell ({values})")
+        elif chosen < 0:
+            bad.append(f"chosen paths less likely than under the reference ({values})")
+        elif rejected < 0:
+            good.append(f"chosen up, rejected down ({values})")
+    for key, what in [("no_answer_rate", "no-answers"), ("lucky_share", "lucky answers")]:  # more of either: worse
+        if s.get(key) is not None and prev.get(key) is not None and s[key] != prev[key]:
+            more = s[key] > prev[key]
+            (bad if more else good).append(f"{'more' if more else 'fewer'} {what} "
+                                           f"({_percent(prev[key])} -> {_percent(s[key])})")
+    a, b = prev.get("mean_path_tokens"), s.get("mean_path_tokens")
+    if a and b is not None and abs(b - a) >= 0.1 * a:  # a tenth or more: worth a mention, not a judgement
+        other.append(f"{'longer' if b > a else 'shorter'} paths ({a:.0f} -> {b:.0f} tokens)")
+    if not good + bad + other:
+        return "no before/after numbers recorded"
+    text = "; ".join(good) + (" but " if good and bad else "") + "; ".join(bad)
+    return "; ".join(t for t in [text, "; ".join(other)] if t)
+
+
+def _why_section(summaries: Dict[int, dict], histories: Dict[int, List[dict]], config: Optional[dict],
+                 sft_validation: Optional[float], plots: Path) -> str:
+    title = "## Why each round helped or hurt"
+    if not summaries and not histories:
+        return f"{title}\n\nNo finished rounds (rounds/round_NN/summary.json, dpo_metrics.jsonl) found."
+    dpo = (config or {}).get("dpo") or {}
+    beta, reference = dpo.get("beta"), dpo.get("reference", "sft")
+    shifts = {r: _displacement(h, beta) for r, h in histories.items()}
+    parts = [title]
+    if shifts:
+        unit = "log-prob change vs reference (nats)" if beta else "TRL reward (beta x log-prob change)"
+        fig, (ax,) = _figure(1, width=8)
+        start = 1
+        for r, (chosen, rejected) in shifts.items():
+            x = np.arange(start, start + len(chosen))
+            ax.plot(x, chosen, color="C0", label="chosen" if start == 1 else None)
+            ax.plot(x, rejected, color="C1", label="rejected" if start == 1 else None)
+            ax.axvline(start - 0.5, color="grey", ls=":", lw=1)
+            ax.text(start - 0.5, 1, f" round {r}", transform=ax.get_xaxis_transform(), va="top", fontsize="small")
+            start += len(chosen)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set(xlabel="optimizer step", ylabel=unit, title="likelihood of chosen and rejected paths")
+        ax.legend(fontsize="small")
+        how = (f"rewards / beta, beta = {beta}" if beta else
+               "beta unknown (config.yaml dpo.beta not readable): TRL's rewards, beta times the change")
+        parts.append(f"Likelihood displacement: per DPO step, the policy's log-probability of the chosen and the "
+                     f"rejected path minus the reference's ({reference}), summed over the response ({how}). "
+                     "DPO widens the gap; when both fall, probability moves to paths that are neither.\n\n"
+                     + _save(fig, plots, "displacement"))
+        signed = lambda v: f"{v:+.2f}" if np.isfinite(v) else "-"  # noqa: E731 -- a step without the reward key
+        rows = [[r, len(c), signed(c[-1]), signed(j[-1]), "yes" if _falling(c) and _falling(j) else "no"]
+                for r, (c, j) in shifts.items()]
+        parts.append(_table(["round", "steps", "chosen (last step)", "rejected (last step)", "both falling"], rows))
+    if summaries:
+        pass_keys = sorted({k for s in summaries.values() for k in s if k.startswith("pass_at_")})
+        cols = ["sample_accuracy", *pass_keys, "no_answer_rate", "mean_path_tokens", "lucky_share",
+                "probe_accuracy_before", "probe_accuracy_after", "probe_questions", "validation_accuracy", "pairs_kept"]
+        parts.append(_table(["round", *cols], [[r, *(_summary_cell(c, s.get(c)) for c in cols)]
+                                               for r, s in summaries.items()]))
+        parts.append("probe_accuracy_*: greedy accuracy on the round's own questions before and after its DPO; "
+                     "sample_accuracy, pass_at_K: the round's sampled paths.")
+    before = {0: {"validation_accuracy": sft_validation}, **summaries}  # round 1 follows sft
+    verdicts = [f"- **round {r}**: "
+                + _verdict(summaries.get(r, {}), before.get(r - 1), f"round {r - 1}" if r > 1 else "sft", shifts.get(r))
+                + "." for r in sorted(set(summaries) | set(shifts))]
+    parts.append("\n".join(verdicts))
+    return "\n\n".join(parts)
 
 
 def _timing_section(metrics: List[dict], summaries: Dict[int, dict], plots: Path) -> str:

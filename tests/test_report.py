@@ -8,7 +8,7 @@ from PIL import Image
 
 from selfrefine_dist.config import load_config, to_yaml
 from selfrefine_dist.eval.evaluate import summarize, write_result
-from selfrefine_dist.report import paired_difference, write_report
+from selfrefine_dist.report import write_report
 from selfrefine_dist.tracking import MetricsLogger
 
 IN_DOMAIN, OUT_OF_DOMAIN = "gsm8k", "obqa"  # the default config trains on gsm8k
@@ -84,7 +84,8 @@ def test_full_run_report(full_run):
     text = path.read_text()
     assert path == full_run / "report.md"
     links = assert_valid_pngs(full_run, text)
-    assert set(links) == {f"report/{n}.png" for n in ("accuracy", "rounds", "dpo", "timing", "sft_loss")}
+    assert set(links) == {f"report/{n}.png" for n in ("accuracy", "rounds", "dpo", "displacement", "timing",
+                                                        "sft_loss")}
     assert "Could not build" not in text and "not found" not in text
 
     # the accuracy table: one row per stage, in stage order, numbers as in the eval JSON
@@ -113,6 +114,13 @@ def test_full_run_report(full_run):
     assert re.search(r"\*\*in-domain\*\*: \+41\.7 \[\+\d+\.\d, \+\d+\.\d\] points \(n=120\); the interval excludes 0",
                      change)
     assert "**out-of-domain**: +0.0 [+0.0, +0.0] points (n=120); the interval includes 0" in change
+    # the smallest resolvable change: in-domain 50 of 120 questions went wrong -> right, d = 1 on them, else 0
+    d = np.array([1.0] * 50 + [0.0] * 70)
+    mde = (1.96 + 0.84) * np.sqrt(np.mean((d - d.mean()) ** 2)) / np.sqrt(len(d))
+    assert f"Smallest resolvable change (MDE): {100 * mde:.1f} points." in change.split("**in-domain**")[1]
+    assert "(MDE): not estimable, no question changed outcome." in change.split("**out-of-domain**")[1]
+    assert "| in-domain | 120 | +41.7 [" in change and f"| yes | {100 * mde:.1f} |" in change
+    assert "round_2 is the last round." in change
 
     assert "| 2 | 0.600 | 0.800 | 40 |" in section(text, "Rounds")
     assert "| 2 | 5 | 0.000 -> 0.200 |" in section(text, "DPO")
@@ -120,6 +128,102 @@ def test_full_run_report(full_run):
     assert "| sft | 80.0 |" in timing and "dpo (excl. reference)" in timing
     assert "| 1 | 30.0 | 0.5 | 4.0 | 16.0 | 3.0 | 1.5 | 12.0 | 67.0 |" in timing  # dpo 20 s less 4 s of reference
     assert "10 logged steps; loss 2.000 at step 1 -> 0.200 at step 10" in section(text, "SFT")
+
+
+def history(chosen, rejected):
+    """DPO step records with TRL's rewards (beta times the policy-minus-reference log-probs)."""
+    return [{"loss": 0.6, "rewards/chosen": c, "rewards/rejected": r, "rewards/margins": c - r,
+             "rewards/accuracies": 0.7, "tokens_per_s": 900.0, "reference_s": 1.0} for c, r in zip(chosen, rejected)]
+
+
+def test_why_each_round_helped_or_hurt(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    beta = 0.2
+    (run_dir / "config.yaml").write_text(to_yaml(load_config(overrides=[f"dpo.beta={beta}"])))
+    steps = {1: ([0.0, 0.04, 0.10, 0.16], [0.0, -0.08, -0.2, -0.3]),  # chosen up, rejected down
+             2: ([0.1, 0.0, -0.06, -0.12, -0.2], [0.1, -0.1, -0.3, -0.5, -0.7])}  # both fall below 0
+    # round 1 was written before the new keys existed: only what older runs have
+    summaries = {1: {"round": 1, "sample_accuracy": 0.5, "pass_at_4": 0.75, "pairs_kept": 30},
+                 2: {"round": 2, "sample_accuracy": 0.55, "pass_at_4": 0.8, "pairs_kept": 24, "no_answer_rate": 0.1,
+                     "mean_path_tokens": 181.4, "lucky_share": 0.05, "probe_accuracy_before": 0.5,
+                     "probe_accuracy_after": 0.625, "probe_questions": 32, "validation_accuracy": 0.45}}
+    for r, (chosen, rejected) in steps.items():
+        out = run_dir / "rounds" / f"round_{r:02d}"
+        out.mkdir(parents=True)
+        (out / "dpo_metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history(chosen, rejected)))
+        (out / "summary.json").write_text(json.dumps(summaries[r]))
+    text = write_report(run_dir).read_text()
+    why = section(text, "Why each round helped or hurt")
+    assert "Could not build" not in text and "report/displacement.png" in why
+    assert_valid_pngs(run_dir, text)
+    assert f"beta = {beta}" in why
+
+    # the last step's log-prob change vs the reference: rewards / beta
+    assert f"| 1 | 4 | {0.16 / beta:+.2f} | {-0.3 / beta:+.2f} | no |" in why
+    assert f"| 2 | 5 | {-0.2 / beta:+.2f} | {-0.7 / beta:+.2f} | yes |" in why
+
+    # every summary key, "-" where an older round lacks it; fractions as percentages
+    rows = [line for line in why.splitlines() if line.startswith("| round | sample_accuracy")]
+    assert rows[0] == ("| round | sample_accuracy | pass_at_4 | no_answer_rate | mean_path_tokens | lucky_share | "
+                       "probe_accuracy_before | probe_accuracy_after | probe_questions | validation_accuracy | "
+                       "pairs_kept |")
+    assert "| 1 | 50.0% | 75.0% | - | - | - | - | - | - | - | 30 |" in why
+    assert "| 2 | 55.0% | 80.0% | 10.0% | 181 | 5.0% | 50.0% | 62.5% | 32 | 45.0% | 24 |" in why
+
+    verdicts = {int(m[1]): m[2] for m in re.finditer(r"^- \*\*round (\d+)\*\*: (.*)$", why, re.M)}
+    assert verdicts[1] == (f"chosen up, rejected down (chosen {0.16 / beta:+.2f}, rejected {-0.3 / beta:+.2f} "
+                           "vs the reference).")
+    assert verdicts[2].startswith("learned its own questions (+12.5 points on 32) but likelihood displacement: "
+                                  "chosen and rejected both fell")
+
+
+def test_verdicts_compare_with_the_previous_round(tmp_path):
+    base = {"no_answer_rate": 0.1, "lucky_share": 0.2, "mean_path_tokens": 100.0, "validation_accuracy": 0.5,
+            "probe_accuracy_before": 0.5, "probe_accuracy_after": 0.5, "probe_questions": 16}
+    later = {"no_answer_rate": 0.25, "lucky_share": 0.1, "mean_path_tokens": 130.0, "validation_accuracy": 0.4,
+             "probe_accuracy_before": 0.5, "probe_accuracy_after": 0.4375, "probe_questions": 16}
+    for r, summary in [(1, base), (2, later)]:
+        out = tmp_path / "rounds" / f"round_{r:02d}"
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps({"round": r, **summary}))
+    (tmp_path / "validation").mkdir()  # sft on the validation questions: 2 of 5 right
+    (tmp_path / "validation" / "sft_samples.jsonl").write_text(
+        "".join(json.dumps({"uid": str(i), "task": IN_DOMAIN, "correct": i < 2}) + "\n" for i in range(5)))
+    why = section(write_report(tmp_path).read_text(), "Why each round helped or hurt")
+    assert "- **round 1**: validation +10.0 points vs sft; no change on its own questions (50.0% on 16)." in why
+    assert ("- **round 2**: fewer lucky answers (20.0% -> 10.0%) but lost ground on its own questions (-6.2 points "
+            "on 16); validation -10.0 points vs round 1; more no-answers (10.0% -> 25.0%); longer paths "
+            "(100 -> 130 tokens).") in why
+    assert "displacement" not in why  # no DPO step records: no plot, no claim
+
+
+def test_displacement_without_a_config(tmp_path):
+    """No config.yaml, so no beta: TRL's rewards as they are, said so; a step without a reward key is no error."""
+    out = tmp_path / "rounds" / "round_01"
+    out.mkdir(parents=True)
+    steps = history([0.0, -0.1, -0.2], [0.0, -0.2, -0.4]) + [{"loss": 0.5}]
+    (out / "dpo_metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in steps))
+    text = write_report(tmp_path).read_text()
+    why = section(text, "Why each round helped or hurt")
+    assert "Could not build" not in text and "beta unknown" in why
+    assert "| 1 | 4 | - | - | yes |" in why  # both fell over the steps that have them
+    assert "- **round 1**: no before/after numbers recorded." in why  # the last step has no rewards to state
+
+
+def test_change_to_the_round_chosen_on_validation(full_run):
+    (full_run / "final.json").write_text(json.dumps({"label": "round_1", "round": 1, "reason": "best validation"}))
+    text = write_report(full_run).read_text()
+    change = section(text, "Change from sft to round_1")
+    assert "round_1 is the final model (final.json: round_1 (round 1), reason: best validation)." in change
+    # sft 40/120 -> round_1 60/120 in-domain
+    assert re.search(r"\*\*in-domain\*\*: \+16\.7 \[", change)
+    assert "## Change from sft to round_2" not in text
+
+    (full_run / "final.json").write_text(json.dumps({"label": "sft", "round": 0, "reason": "no round beat sft"}))
+    change = section(write_report(full_run).read_text(), "Change from sft to round_2")
+    assert "The final model is sft itself (final.json: sft (round 0), reason: no round beat sft)" in change
+    assert "+41.7" in change
 
 
 def test_rewriting_drops_plots_whose_source_is_gone(full_run):
@@ -161,20 +265,6 @@ def test_round_summary_with_few_keys(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "Could not build" not in text and "| 1 | 0.500 | 8 |" in text
     assert assert_valid_pngs(tmp_path, text) == ["report/rounds.png", "report/timing.png"]
-
-
-def test_paired_difference():
-    before = rows(40, 60)
-    same = paired_difference(before, before)
-    assert (same.mean, same.ci_low, same.ci_high, same.n) == (0.0, 0.0, 0.0, 2 * N) and not same.excludes_zero
-    gain = paired_difference(before, rows(90, 60))
-    assert gain.mean == pytest.approx(50 / (2 * N)) and 0 < gain.ci_low < gain.mean < gain.ci_high
-    assert gain.excludes_zero
-    # pairing: order of rows does not matter, unmatched questions are left out, the seed fixes the interval
-    shuffled = [before[i] for i in np.random.default_rng(1).permutation(len(before))]
-    assert paired_difference(shuffled, rows(90, 60)) == gain
-    assert paired_difference(before[:10], rows(90, 60)).n == 10
-    # a small change on few questions: the interval includes 0
-    small = paired_difference(rows(40, 60)[:N], rows(42, 60)[:N])
-    assert small.ci_low <= 0 <= small.ci_high and not small.excludes_zero
-    assert paired_difference([], before).n == 0
+    why = section(text, "Why each round helped or hurt")
+    assert "| 1 | 50.0% | - | - | - | - | - | - | - | 8 |" in why
+    assert "- **round 1**: no before/after numbers recorded." in why

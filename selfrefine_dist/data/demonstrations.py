@@ -33,6 +33,19 @@ class DemonstrationReport:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
         return f"demonstrations: kept {self.kept} of {self.total} (dropped: {reasons})"
 
+    @classmethod
+    def combine(cls, reports: Sequence["DemonstrationReport"], show_per_reason: int = 5) -> "DemonstrationReport":
+        """The reports of several slices as one: counts added, the first dropped uids of each reason."""
+        dropped: Counter = Counter()
+        shown: Dict[str, List[str]] = {}
+        for report in reports:
+            dropped.update(report.dropped)
+            for reason, uids in report.dropped_examples.items():
+                bucket = shown.setdefault(reason, [])
+                bucket += uids[: show_per_reason - len(bucket)]
+        return cls(total=sum(r.total for r in reports), kept=sum(r.kept for r in reports), dropped=dict(dropped),
+                   dropped_examples=shown)
+
 
 def select_demonstrations(
     examples: Sequence[ReasoningExample], show_per_reason: int = 5

@@ -1,18 +1,23 @@
 """Turn reasoning examples into tokenized SFT examples, and batch them.
 
 The prompt is the task's user turn rendered with the tokenizer's own chat
-template; the response is the demonstration. Labels are -100 on the prompt so
-the loss covers response tokens only. Examples longer than ``max_len`` are
-dropped and counted: truncating would cut the answer off the demonstration.
+template; the response is the demonstration ("cot": rationale and answer
+sentence) or the answer sentence alone ("direct"), chosen per training slice.
+Labels are -100 on the prompt so the loss covers response tokens only. Examples
+longer than ``max_len`` are dropped and counted: truncating would cut the answer
+off the demonstration.
+
+    SFTSlice (examples, style) -> [cot: select_demonstrations] -> build_sft_examples -> SFTExample
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from selfrefine_dist.data.demonstrations import DemonstrationReport, select_demonstrations
 from selfrefine_dist.data.records import ReasoningExample, SFTBatch, SFTExample
 from selfrefine_dist.data.tasks import get_task
 
@@ -61,6 +66,13 @@ class TokenizeReport:
     def as_dict(self) -> dict:
         return {"kept": self.kept, "dropped": dict(self.dropped), "max_len": self.max_len}
 
+    @classmethod
+    def combine(cls, reports: Sequence["TokenizeReport"], max_len: int) -> "TokenizeReport":
+        dropped: Counter = Counter()
+        for report in reports:
+            dropped.update(report.dropped)
+        return cls(kept=sum(r.kept for r in reports), dropped=dict(dropped), max_len=max_len)
+
 
 def build_sft_examples(
     examples: Sequence[ReasoningExample], tokenizer, max_len: int, style: str = "cot"
@@ -76,6 +88,82 @@ def build_sft_examples(
             continue
         kept.append(item)
     return kept, TokenizeReport(kept=len(kept), dropped=dict(dropped), max_len=max_len)
+
+
+@dataclass(frozen=True)
+class SFTSlice:
+    """One training slice (a ``data.train`` entry) and the target style it trains with.
+
+    style "cot": the rationale closed by the answer sentence; only demonstrations whose final
+    answer matches the gold answer are kept. "direct": the answer sentence alone, e.g. a
+    commonsense slice with no teacher rationale teaching the answer format ("The answer is B.").
+    """
+
+    name: str  # e.g. "data.train[1] csqa/train", for the report
+    style: str
+    examples: Tuple[ReasoningExample, ...]
+
+
+@dataclass
+class SliceReport:
+    name: str
+    style: str
+    loaded: int
+    demonstrations: Optional[DemonstrationReport]  # cot slices only
+    tokenize: TokenizeReport
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "style": self.style, "loaded": self.loaded,
+                "demonstrations": self.demonstrations.as_dict() if self.demonstrations else None,
+                "tokenize": self.tokenize.as_dict()}
+
+    def summary(self) -> str:
+        demos = f"; {self.demonstrations.summary()}" if self.demonstrations else ""
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(self.tokenize.dropped.items())) or "none"
+        return (f"{self.name} ({self.style}): {self.tokenize.kept} sft examples of {self.loaded} loaded"
+                f"{demos}; tokenize dropped: {dropped}")
+
+
+@dataclass
+class SFTDataReport:
+    """Per-slice counts, and their totals over all slices."""
+
+    slices: List[SliceReport]
+    max_len: int
+
+    @property
+    def demonstrations(self) -> Optional[DemonstrationReport]:
+        checked = [s.demonstrations for s in self.slices if s.demonstrations is not None]
+        return DemonstrationReport.combine(checked) if checked else None
+
+    @property
+    def tokenize(self) -> TokenizeReport:
+        return TokenizeReport.combine([s.tokenize for s in self.slices], self.max_len)
+
+    def as_dict(self) -> dict:
+        demonstrations = self.demonstrations
+        return {"demonstrations": demonstrations.as_dict() if demonstrations else None,
+                "tokenize": self.tokenize.as_dict(), "slices": [s.as_dict() for s in self.slices]}
+
+
+def build_sft_data(slices: Sequence[SFTSlice], tokenizer, max_len: int) -> Tuple[List[SFTExample], SFTDataReport]:
+    """Every slice filtered (cot) and tokenized with its own style; examples in slice order."""
+    sft_examples: List[SFTExample] = []
+    reports: List[SliceReport] = []
+    for data_slice in slices:
+        if data_slice.style == "cot":
+            examples, demo_report = select_demonstrations(data_slice.examples)
+        elif data_slice.style == "direct":
+            examples, demo_report = list(data_slice.examples), None
+        else:
+            raise ValueError(
+                f"{data_slice.name}: unknown prompt style {data_slice.style!r}: expected 'cot' or 'direct'"
+            )
+        kept, tok_report = build_sft_examples(examples, tokenizer, max_len, data_slice.style)
+        sft_examples += kept
+        loaded = len(data_slice.examples)
+        reports.append(SliceReport(data_slice.name, data_slice.style, loaded, demo_report, tok_report))
+    return sft_examples, SFTDataReport(reports, max_len)
 
 
 def collate(items: Sequence[SFTExample], pad_token_id: int) -> SFTBatch:

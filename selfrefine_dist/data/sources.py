@@ -8,8 +8,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
+import re
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.tasks import LETTERS, TaskSpec, get_task, gsm8k_rationale
@@ -17,6 +19,10 @@ from selfrefine_dist.data.tasks import LETTERS, TaskSpec, get_task, gsm8k_ration
 
 class DataError(ValueError):
     """A data file or row that cannot be read; the message says where."""
+
+
+_DIGIT = re.compile(r"[0-9]")
+_JSON_SPACE = " \t\r\n"  # what JSON counts as whitespace: a line of only these is blank
 
 
 def load_examples(
@@ -196,49 +202,118 @@ def _strip_rg_suffix(question: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# User files: JSONL (one object a line) or Parquet, fields
+# User files: JSONL (one object a line, UTF-8) or Parquet, fields
 #   question (str), answer (str or number), choices (list of str; multiple choice),
-#   rationale (str, optional), id (optional).
+#   rationale (str, optional), id (str or int, optional; unique in the file).
+# Whatever is wrong with a file is a DataError naming the file, the line (JSONL, from 1) or row
+# (Parquet, from 0) and the field, raised while loading: a run never meets a bad row later.
+
+USER_FIELDS = ("id", "question", "answer", "choices", "rationale")
 
 
 def read_user_file(path: Path, spec: TaskSpec, split: str = "file") -> Iterator[ReasoningExample]:
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a .jsonl or .parquet file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    if path.suffix == ".parquet":
-        rows: Iterable[Tuple[str, object]] = _parquet_rows(path)
-    elif path.suffix in (".jsonl", ".json"):
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        rows: Iterable[Tuple[str, object]] = _parquet_rows(path, spec)
+    elif suffix in (".jsonl", ".json"):
         rows = _jsonl_rows(path)
     else:
         raise DataError(f"{path}: expected a .jsonl or .parquet file")
-    count = 0
+    first_seen: Dict[str, str] = {}  # uid -> where it first occurred
     for where, row in rows:
-        yield _user_row(spec, row, where, split)
-        count += 1
-    if count == 0:
+        example = _user_row(spec, row, where, split)
+        if example.uid in first_seen:  # samples, pairs and demonstrations are keyed by uid
+            raise DataError(f"{where}: field 'id': {example.uid!r} was already used at {first_seen[example.uid]}")
+        first_seen[example.uid] = where
+        yield example
+    if not first_seen:
         raise DataError(f"{path}: no rows")
 
 
 def _jsonl_rows(path: Path) -> Iterator[Tuple[str, object]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{line_no}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    """(where, parsed object) per non-blank line; read as bytes so a bad byte can be placed."""
+    try:
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                where = f"{path}:{line_no}"
+                try:  # a byte-order mark may open the file
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    bad_byte = f"byte {raw[e.start]:#04x} at column {e.start + 1}"
+                    raise DataError(f"{where}: not UTF-8 text ({bad_byte})") from None
+                if not line.strip(_JSON_SPACE):
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except (ValueError, RecursionError) as e:  # an integer over 4300 digits, nesting too deep
+                    raise DataError(f"{where}: not valid JSON ({_first_line(e)})") from None
+                yield where, row
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
-def _parquet_rows(path: Path) -> Iterator[Tuple[str, object]]:
+def _parquet_rows(path: Path, spec: TaskSpec) -> Iterator[Tuple[str, object]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path} row {i}", row
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+    names = table.column_names
+    required = ("question", "answer") + (("choices",) if spec.answer_type == "choice" else ())
+    for name in required:
+        if name not in names:
+            raise DataError(f"{path}: field {name!r}: no such column (columns: {', '.join(names) or 'none'})")
+    columns = {}
+    for name in USER_FIELDS:
+        if names.count(name) > 1:
+            raise DataError(f"{path}: field {name!r}: the column occurs {names.count(name)} times")
+        if name in names:
+            columns[name] = _column_values(path, name, table.column(name))
+    for i in range(table.num_rows):
+        yield f"{path} row {i}", {name: values[i] for name, values in columns.items()}
+
+
+def _column_values(path: Path, name: str, column) -> list:
+    """A Parquet column as Python values; a value Python cannot hold is placed by its row."""
+    try:
+        return column.to_pylist()
+    except Exception as column_error:  # noqa: BLE001 - pyarrow raises ArrowException, ValueError, OverflowError...
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{path} row {i}: field {name!r} cannot be read ({_first_line(e)})") from None
+        raise DataError(f"{path}: field {name!r}: the column cannot be read ({_first_line(column_error)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _shown(value: str, width: int = 40) -> str:
+    return repr(value if len(value) <= width else value[:width] + "...")
 
 
 def _user_row(spec: TaskSpec, row: object, where: str, split: str) -> ReasoningExample:
     if not isinstance(row, dict):
-        raise DataError(f"{where}: expected an object with fields question, answer, ...")
+        raise DataError(f"{where}: expected an object with fields question, answer, ..., got {type(row).__name__}")
+
+    def checked_text(name: str, value: str) -> str:
+        try:  # JSON "\ud800" escapes decode to lone surrogates, which no tokenizer can encode
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(
+                f"{where}: field '{name}' is not valid Unicode (lone surrogate at character {e.start + 1})"
+            ) from None
+        return value
 
     def text(name: str, required: bool) -> Optional[str]:
         value = row.get(name)
@@ -248,20 +323,38 @@ def _user_row(spec: TaskSpec, row: object, where: str, split: str) -> ReasoningE
             return None
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise DataError(f"{where}: field '{name}' must be text, got {type(value).__name__}")
-        return str(value).strip()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{where}: field '{name}' must be text or a finite number, got {value}")
+        return checked_text(name, str(value).strip())
 
     question = text("question", True)
     answer = text("answer", True)
     rationale = text("rationale", False)
     choices: Tuple[str, ...] = ()
-    if spec.answer_type == "choice":
+    if spec.answer_type == "number":
+        if not _DIGIT.search(answer):
+            raise DataError(f"{where}: field 'answer' must be a number for task {spec.name!r}, got {_shown(answer)}")
+    else:
         raw = row.get("choices")
         if not isinstance(raw, list) or len(raw) < 2 or not all(isinstance(c, str) and c.strip() for c in raw):
             raise DataError(f"{where}: field 'choices' must be a list of at least two option texts")
-        choices = tuple(c.strip() for c in raw)
+        if len(raw) > len(LETTERS):
+            raise DataError(
+                f"{where}: field 'choices' has {len(raw)} options, at most {len(LETTERS)} (A-{LETTERS[-1]})"
+            )
+        choices = tuple(checked_text("choices", c.strip()) for c in raw)
         letter = answer.upper()
         if letter not in LETTERS[: len(choices)]:
-            raise DataError(f"{where}: field 'answer' must be an option letter A-{LETTERS[len(choices) - 1]}, got {answer!r}")
+            raise DataError(
+                f"{where}: field 'answer' must be an option letter A-{LETTERS[len(choices) - 1]}, got {_shown(answer)}"
+            )
         answer = letter
-    uid = f"{spec.name}/{split}/{row.get('id', where.rsplit(':', 1)[-1].rsplit(' ', 1)[-1])}"
+    raw_id = row.get("id")
+    if raw_id is None:
+        key = where.rsplit(":", 1)[-1].rsplit(" ", 1)[-1]  # the line (JSONL) or row (Parquet)
+    elif isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+        raise DataError(f"{where}: field 'id' must be non-empty text or an integer, got {_shown(str(raw_id))}")
+    else:
+        key = checked_text("id", str(raw_id).strip())
+    uid = f"{spec.name}/{split}/{key}"
     return ReasoningExample(uid=uid, task=spec.name, question=question, answer=answer, choices=choices, rationale=rationale)

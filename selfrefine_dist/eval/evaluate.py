@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import render_prompt
@@ -89,22 +89,41 @@ def evaluate_with_pool(label: str, pool, tokenizer, examples: Sequence[Reasoning
     return result
 
 
-def read_result(label: str, out_dir: Path, train_tasks: Sequence[str], resamples: int = 1000) -> EvalResult:
-    """An evaluation written by ``write_result`` (a finished stage of an earlier run)."""
+def read_result(label: str, out_dir: Path, train_tasks: Optional[Sequence[str]] = None,
+                resamples: int = 1000) -> EvalResult:
+    """An evaluation written by ``write_result`` (a finished stage of an earlier run).
+
+    train_tasks: the split into in-domain and out-of-domain; None: the ``train_tasks`` stored with the
+    evaluation (files written before it was stored have none: then ``train_tasks`` must be given).
+    """
+    summary_file = Path(out_dir) / f"{label}.json"
+    stored = json.loads(summary_file.read_text())
+    if train_tasks is None:
+        if stored.get("train_tasks") is None:
+            raise ValueError(f"{summary_file}: no train_tasks stored (written by an older version); pass train_tasks")
+        train_tasks = stored["train_tasks"]
     with (Path(out_dir) / f"{label}_samples.jsonl").open() as f:
         rows = [json.loads(line) for line in f if line.strip()]
     result = summarize(label, rows, train_tasks, resamples)
-    result.pass_at_k = json.loads((Path(out_dir) / f"{label}.json").read_text()).get("pass_at_k", {})
+    result.pass_at_k = stored.get("pass_at_k", {})
     return result
 
 
-def write_result(result: EvalResult, out_dir: Path) -> None:
-    """Samples first, summary last: the summary file marks a finished evaluation."""
+def write_result(result: EvalResult, out_dir: Path, train_tasks: Optional[Sequence[str]] = None) -> None:
+    """Samples first, summary last: the summary file marks a finished evaluation.
+
+    train_tasks: the tasks trained on (which split in-domain from out-of-domain), stored in the summary as
+    ``train_tasks`` so the evaluation can be compared on its own (``selfrefine compare``).
+    """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / f"{result.label}_samples.jsonl").open("w") as f:
         for row in result.samples:
             f.write(json.dumps(row) + "\n")
-    (out_dir / f"{result.label}.json").write_text(json.dumps(result.as_dict(), indent=2))
+    summary = result.as_dict()
+    if train_tasks is not None:
+        summary["train_tasks"] = sorted(set(train_tasks))
+    (out_dir / f"{result.label}.json").write_text(json.dumps(summary, indent=2))
 
 
 def comparison_table(results: Sequence[EvalResult]) -> str:

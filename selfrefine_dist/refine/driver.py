@@ -2,11 +2,16 @@
 
     sample -> reward -> pair -> (reference log-probs + DPO on the learners) -> sync -> evaluate
 
-Every stage writes its artifact (see ``artifacts.py``) and is skipped when the artifact is
-already there, so killing the driver and running the same command again continues from the
-last finished stage. Samples record the policy version that made them: version 0 is the SFT
-model, version r the policy after round r. In the asynchronous mode round r+1 is sampled with
-version r-1 while the learners train round r (staleness 1); otherwise round r samples version r-1.
+Every stage is fingerprinted (``selfrefine_dist/stages.py``, keys in ``stage_specs.py``): a rerun
+reuses each stage whose inputs did not change, recomputes from the first one that did, and a
+stage cut off half-way continues from its last finished artifact. Samples record the policy
+version that made them: version 0 is the SFT model, version r the policy after round r. In the
+asynchronous mode round r+1 is sampled with version r-1 while the learners train round r
+(staleness 1); otherwise round r samples version r-1.
+
+Each round's DPO is a fresh DPO run from the previous round's model (new optimizer state, its own
+schedule), as in iterative DPO/RPO: a round depends only on that model, its pairs and the DPO keys,
+so a driver started again continues from the exported folder, and a sweep can share rounds.
 """
 from __future__ import annotations
 
@@ -28,85 +33,141 @@ from selfrefine_dist.refine.pairs import build_pairs
 from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
 from selfrefine_dist.refine.records import PreferencePair, ScoredPath, examples_digest
 from selfrefine_dist.refine.scoring import sample_stats, score_paths
-from selfrefine_dist.refine.sync import load_folder_into_pool
 from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
+from selfrefine_dist.stage_specs import dpo_stage, examples_digest as questions_digest, pairs_stage, round_temperature
+from selfrefine_dist.stage_specs import samples_stage
+from selfrefine_dist.stages import Stage, StageLedger
 from selfrefine_dist.tracking import MetricsLogger
-from selfrefine_dist.train.checkpoint import latest_step
 
 DIRECT_MAX_NEW_TOKENS = 32  # a direct answer is one sentence
 
 
 class SelfRefineLoop:
-    """Runs ``cfg.refine.rounds`` rounds on a sampler pool that starts with the SFT weights.
+    """Runs ``cfg.refine.rounds`` rounds, starting from the SFT model.
 
-    evaluate(label) scores whatever weights the pool holds and returns its metrics.
+    samplers: the sampler pool, started on first use (``pipeline.Samplers``).
+    evaluate(label, model_fp, version, folder) / validate(...): score a model version and return
+        its metrics (validate on ``data.validation``, to choose the best round).
     """
 
-    def __init__(self, cfg: Config, run_dir: Path, sft_model: str, questions: List[ReasoningExample], pool,
-                 logger: MetricsLogger, evaluate: Optional[Callable[[str], dict]] = None):
+    def __init__(self, cfg: Config, run_dir: Path, sft_model: str, sft_fp: str, questions: List[ReasoningExample],
+                 samplers, logger: MetricsLogger, ledger: StageLedger,
+                 evaluate: Optional[Callable[..., dict]] = None, validate: Optional[Callable[..., dict]] = None):
         if not questions:
             raise ValueError("data.train: no training questions to sample")
         self.cfg, self.run_dir, self.sft_model = cfg, Path(run_dir), sft_model
-        self.questions, self.pool, self.logger, self.evaluate = questions, pool, logger, evaluate
-        self.ckpt_root = self.run_dir / "learner"
+        self.questions, self.samplers, self.logger, self.ledger = questions, samplers, logger, ledger
+        self.evaluate, self.validate = evaluate, validate
+        self.dtype = resolve_dtype(cfg.model.dtype)
         tok = load_tokenizer(sft_model, cfg.model.trust_remote_code)
         self.tokenizer = tok
         self.prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "cot")) for ex in questions}
         self.direct_prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "direct")) for ex in questions}
+        self.model_fps: Dict[int, str] = {0: sft_fp}  # policy version -> fingerprint of its weights
         self.learners: Optional[LearnerGroup] = None
+        self.learners_at: Optional[str] = None  # fingerprint of the weights the learner group holds
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> List[dict]:
-        summaries = []
-        for r in range(1, self.cfg.refine.rounds + 1):
-            summary_file = artifacts.round_dir(self.run_dir, r) / "summary.json"
-            if summary_file.is_file():
-                summaries.append(artifacts.read_json(summary_file))
-                print(f"round {r}: done earlier ({summary_file})", flush=True)
-                continue
-            summaries.append(self.run_round(r))
-        return summaries
+        return [self.run_round(r) for r in range(1, self.cfg.refine.rounds + 1)]
+
+    def model_folder(self, version: int) -> str:
+        return self.sft_model if version == 0 else str(artifacts.round_dir(self.run_dir, version) / "model")
 
     def run_round(self, r: int) -> dict:
         cfg, out = self.cfg, artifacts.round_dir(self.run_dir, r)
         seconds: Dict[str, float] = {}
 
         t0 = time.perf_counter()
-        paths, sample_metrics = self.samples(r)  # sampling + rewards (or the file of an earlier run)
-        seconds["sample"] = time.perf_counter() - t0  # generation + rewards; each alone in sample_metrics
+        samples = self.samples_stage(r)
+        paths, sample_metrics = self.samples(r, samples)  # sampling + rewards (or the files of an earlier run)
+        seconds["sample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        pairs, pair_metrics = self.pairs(r, paths)
+        pairs_st = pairs_stage(cfg, r, samples.fingerprint)
+        pairs, pair_metrics = self.pairs(r, paths, pairs_st)
+        seconds["pair"] = time.perf_counter() - t0
+
+        dpo = dpo_stage(cfg, r, pairs_st.fingerprint, self.model_fps[r - 1], self.model_fps[0], self.dtype)
+        self.model_fps[r] = dpo.fingerprint
+        summary_stage = Stage(f"round_{r:02d}/summary", {"dpo": dpo.fingerprint, "probe": cfg.refine.probe_questions,
+                                                         "evaluated": self.evaluated(r)}, (f"rounds/round_{r:02d}/summary.json",))
+        if self.ledger.is_done(summary_stage) and self.ledger.is_done(dpo):
+            print(f"round {r}: done earlier ({out / 'summary.json'})", flush=True)
+            return artifacts.read_json(out / "summary.json")
+
+        history = self.train(r, pairs, pair_metrics, dpo, seconds)
+
+        eval_metrics = {}
+        if self.evaluate is not None and self.evaluated(r):
+            t0 = time.perf_counter()
+            eval_metrics = self.evaluate(f"round_{r}", self.model_fps[r], r, self.model_folder(r))
+            seconds["eval"] = time.perf_counter() - t0
+        if self.validate is not None:
+            t0 = time.perf_counter()
+            eval_metrics.update({f"validation_{k[5:]}" if k.startswith("eval_") else k: v for k, v in
+                                 self.validate(f"round_{r}", self.model_fps[r], r, self.model_folder(r)).items()})
+            seconds["validate"] = time.perf_counter() - t0
+        probe = {}
+        if sample_metrics.get("probe_questions"):
+            t0 = time.perf_counter()
+            probe = {"probe_accuracy_after": self.probe(r, r)}
+            seconds["probe"] = time.perf_counter() - t0
+
+        last = history[-1] if history else {}
+        summary = {"round": r, **sample_metrics, **pair_metrics, **probe,
+                   **{f"dpo_{k}": v for k, v in last.items() if isinstance(v, (int, float))},
+                   "dpo_tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(len(history), 1),
+                   **{f"{k}_s": v for k, v in seconds.items()}, **eval_metrics}
+        self.logger.log(summary, step=r, stage="round")
+        self.ledger.started(summary_stage)
+        artifacts.write_json(out / "summary.json", summary)
+        self.ledger.finished(summary_stage)
+        print(f"round {r}: sample acc {sample_metrics['sample_accuracy']:.3f} | pairs {pair_metrics['pairs_kept']} | "
+              f"dpo loss {last.get('loss', float('nan')):.4f} margin {last.get('rewards/margins', float('nan')):.3f} | "
+              + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
+        return summary
+
+    def evaluated(self, r: int) -> bool:
+        return self.cfg.refine.eval_every_round or r == self.cfg.refine.rounds
+
+    # ---- DPO and weight sync --------------------------------------------------------------
+    def train(self, r: int, pairs: List[PreferencePair], pair_metrics: dict, stage: Stage,
+              seconds: Dict[str, float]) -> List[dict]:
+        """Round ``r``'s DPO from the previous round's model, export, and the new weights to the samplers."""
+        cfg, out = self.cfg, artifacts.round_dir(self.run_dir, r)
+        history_file = out / "dpo_metrics.jsonl"
+        if self.ledger.prepare(stage) == "reuse":
+            history = artifacts.read_jsonl(history_file)
+            seconds["reference_logps"] = history[0]["reference_s"] if history else 0.0
+            return history
+        self.ledger.started(stage)
+        t0 = time.perf_counter()
         examples, too_long = tokenize_pairs(pairs, self.tokenizer, cfg.data.max_len)
         plan = plan_round(examples, cfg.refine.num_learners, cfg.dpo.micro_batch_size, cfg.dpo.grad_accum,
                           cfg.dpo.epochs, cfg.run.seed * 1000 + r)
         pair_metrics.update({f"dropped_pairs_{k}": v for k, v in too_long.items()}, pairs_unused=plan.unused,
                             dpo_steps=plan.steps)
-        seconds["pair"] = time.perf_counter() - t0
+        seconds["pair"] += time.perf_counter() - t0
         if plan.steps == 0:  # the round still ends (same weights, next version) so later rounds can run
             print(f"round {r}: WARNING {len(examples)} usable pairs do not fill one DPO batch of {plan.global_batch} "
                   f"(refine.num_learners x dpo.micro_batch_size x dpo.grad_accum): no DPO step this round; sample "
                   f"more questions (refine.questions_per_round) or paths (sampler.samples_per_question)", flush=True)
 
         t0 = time.perf_counter()
-        learners = self.learner_group()  # started (and restored) once per driver run
+        learners = self.learner_group(r - 1)
         seconds["learner_start"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        history_file = out / "dpo_metrics.jsonl"
-        if latest_step(self.ckpt_root) == r and history_file.is_file():  # trained before the driver stopped
-            history = artifacts.read_jsonl(history_file)
-        else:
-            # Preference batches travel to the learners through the object store.
-            shard_refs = [ray.put(shard) for shard in plan.shards]
-            train_refs = learners.train_round_async(shard_refs, r)
-            if cfg.refine.mode == "async" and r < cfg.refine.rounds:
-                self.samples(r + 1)  # sampled with version r-1 while the learners train round r
-            history = ray.get(train_refs)[0]
-            expected = [examples_digest([ex for step in s for micro in step for ex in micro]) for s in plan.shards]
-            if learners.digests() != expected:
-                raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
-            artifacts.write_jsonl(history_file, history)
-            learners.save(str(self.ckpt_root), r)
+        # Preference batches travel to the learners through the object store.
+        shard_refs = [ray.put(shard) for shard in plan.shards]
+        train_refs = learners.train_round_async(shard_refs, r)
+        if cfg.refine.mode == "async" and r < cfg.refine.rounds:
+            self.samples(r + 1, self.samples_stage(r + 1))  # sampled with version r-1 while the learners train round r
+        history = ray.get(train_refs)[0]
+        expected = [examples_digest([ex for step in s for micro in step for ex in micro]) for s in plan.shards]
+        if learners.digests() != expected:
+            raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
+        artifacts.write_jsonl(history_file, history)
         seconds["dpo"] = time.perf_counter() - t0
         seconds["reference_logps"] = history[0]["reference_s"] if history else 0.0
         for i, h in enumerate(history):
@@ -114,80 +175,110 @@ class SelfRefineLoop:
 
         t0 = time.perf_counter()
         if self.nccl_sync():  # gather + export + broadcast, one timed stage
-            learners.broadcast_weights(self.pool, str(out / "model"), cfg.refine.sync_bucket_mb << 20, version=r)
+            learners.broadcast_weights(self.samplers.pool, str(out / "model"), cfg.refine.sync_bucket_mb << 20, version=r)
             seconds["sync"] = time.perf_counter() - t0
         else:
             bucket_refs = learners.publish_weights(str(out / "model"), cfg.refine.sync_bucket_mb << 20)
             seconds["export"] = time.perf_counter() - t0
-            seconds["sync"] = self.pool.update_weights(bucket_refs, version=r)
+            seconds["sync"] = self.samplers.pool.update_weights(bucket_refs, version=r)
             del bucket_refs
+        self.learners_at = self.model_fps[r]
+        self.ledger.finished(stage)
+        return history
 
-        eval_metrics = {}
-        if self.evaluate is not None and (cfg.refine.eval_every_round or r == cfg.refine.rounds):
-            t0 = time.perf_counter()
-            eval_metrics = self.evaluate(f"round_{r}")
-            seconds["eval"] = time.perf_counter() - t0
+    def learner_group(self, version: int) -> LearnerGroup:
+        """Learners holding policy ``version``: the running group after it trained that version, else a new
+        group loaded from the version's exported folder (a rerun, or a round reused from another run)."""
+        if self.learners is not None and self.learners_at == self.model_fps[version]:
+            return self.learners
+        self.shutdown()
+        r = self.cfg.refine
+        spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
+        self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
+                                     env=learner_env(r.num_learners))
+        self.learners_at = self.model_fps[version]
+        return self.learners
 
-        last = history[-1] if history else {}
-        summary = {"round": r, **sample_metrics, **pair_metrics,
-                   **{f"dpo_{k}": v for k, v in last.items() if isinstance(v, (int, float))},
-                   "dpo_tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(len(history), 1),
-                   **{f"{k}_s": v for k, v in seconds.items()}, **eval_metrics}
-        self.logger.log(summary, step=r, stage="round")
-        artifacts.write_json(out / "summary.json", summary)
-        print(f"round {r}: sample acc {sample_metrics['sample_accuracy']:.3f} | pairs {pair_metrics['pairs_kept']} | "
-              f"dpo loss {last.get('loss', float('nan')):.4f} margin {last.get('rewards/margins', float('nan')):.3f} | "
-              + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
-        return summary
+    def nccl_sync(self) -> bool:
+        """NCCL broadcast when asked, or (auto) when learners and vLLM samplers both hold GPUs."""
+        r, sampler = self.cfg.refine, self.cfg.sampler
+        if r.weight_sync == "auto":
+            return r.gpus_per_learner > 0 and sampler.gpus_per_actor > 0 and sampler.backend == "vllm"
+        return r.weight_sync == "nccl"
 
-    # ---- stages -------------------------------------------------------------------------
+    # ---- sampling, rewards, pairs ---------------------------------------------------------
     def sampling_version(self, r: int) -> int:
         """The policy version that samples round ``r``."""
         return max(0, r - 2) if self.cfg.refine.mode == "async" else r - 1
 
     def round_questions(self, r: int) -> List[ReasoningExample]:
+        """fresh: round r takes the next ``questions_per_round`` questions (wrapping around); same: the first ones."""
         n = self.cfg.refine.questions_per_round
         if not n or n >= len(self.questions):
             return list(self.questions)
-        start = ((r - 1) * n) % len(self.questions)
+        start = ((r - 1) * n) % len(self.questions) if self.cfg.refine.question_order == "fresh" else 0
         return [self.questions[(start + i) % len(self.questions)] for i in range(n)]
 
-    def samples(self, r: int):
-        """Round ``r``'s scored paths: read back if sampled before, else sampled and scored now."""
+    def probe_questions(self, r: int) -> List[ReasoningExample]:
+        return self.round_questions(r)[:self.cfg.refine.probe_questions]
+
+    def samples_stage(self, r: int) -> Stage:
+        version = self.sampling_version(r)
+        return samples_stage(self.cfg, r, self.model_fps[version], questions_digest(self.round_questions(r)), self.dtype)
+
+    def probe(self, r: int, version: int) -> float:
+        """Greedy accuracy of policy ``version`` on round ``r``'s probe questions (the round's own questions)."""
+        questions = self.probe_questions(r)
+        self.samplers.ensure(version, self.model_folder(version))
+        texts = self.samplers.pool.generate([GenerationRequest(ex.uid, self.prompts[ex.uid], 1) for ex in questions],
+                                            SamplingSettings(0.0, 1.0, self.cfg.sampler.max_new_tokens, seed=0),
+                                            progress=False)
+        paths = score_paths(questions, texts, "cot", version, reward=self.cfg.refine.reward)
+        return sum(p.correct for p in paths) / len(paths)
+
+    def samples(self, r: int, stage: Stage):
+        """Round ``r``'s scored paths: read back if sampled before with the same inputs, else sampled and scored now."""
         out = artifacts.round_dir(self.run_dir, r) / "samples.jsonl"
         report = out.with_name("sample_report.json")
-        if out.is_file():
+        if self.ledger.prepare(stage) == "reuse":
             paths = [ScoredPath(**row) for row in artifacts.read_jsonl(out)]
             return paths, artifacts.read_json(report)
+        self.ledger.started(stage)
         cfg, version = self.cfg.sampler, self.sampling_version(r)
-        self.ensure_pool_version(version)
+        self.samplers.ensure(version, self.model_folder(version))
         questions = self.round_questions(r)
-        settings = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=cfg.seed * 1000 + r)
+        settings = SamplingSettings(round_temperature(self.cfg, r), cfg.top_p, cfg.max_new_tokens, seed=cfg.seed * 1000 + r)
         progress = self.cfg.logging.progress_bars
-        texts = self.pool.generate([GenerationRequest(ex.uid, self.prompts[ex.uid], cfg.samples_per_question)
-                                    for ex in questions], settings, progress=progress)
-        stats = self.pool.last_stats
+        pool = self.samplers.pool
+        texts = pool.generate([GenerationRequest(ex.uid, self.prompts[ex.uid], cfg.samples_per_question)
+                               for ex in questions], settings, progress=progress)
+        stats = pool.last_stats
         t0 = time.perf_counter()
-        paths = score_paths(questions, texts, "cot", version)
+        paths = score_paths(questions, texts, "cot", version, reward=self.cfg.refine.reward)
         reward_s = time.perf_counter() - t0
         if self.cfg.refine.pair_strategy == "cot_vs_direct":
-            direct = self.pool.generate([GenerationRequest(ex.uid, self.direct_prompts[ex.uid], 1) for ex in questions],
-                                        SamplingSettings(0.0, 1.0, DIRECT_MAX_NEW_TOKENS, seed=settings.seed),
-                                        progress=progress)
+            direct = pool.generate([GenerationRequest(ex.uid, self.direct_prompts[ex.uid], 1) for ex in questions],
+                                   SamplingSettings(0.0, 1.0, DIRECT_MAX_NEW_TOKENS, seed=settings.seed),
+                                   progress=progress)
             paths += score_paths(questions, direct, "direct", version)
         metrics = sample_stats([p for p in paths if p.style == "cot"]).as_metrics()
-        metrics.update(sampled_by_version=version, sampling_tokens_per_s=stats.tokens_per_s,
-                       sampling_s=stats.seconds, reward_s=reward_s, retried_work_items=stats.retried_items)
+        metrics.update(sampled_by_version=version, sampling_temperature=settings.temperature,
+                       sampling_tokens_per_s=stats.tokens_per_s, sampling_s=stats.seconds, reward_s=reward_s,
+                       retried_work_items=stats.retried_items)
+        if self.cfg.refine.probe_questions:
+            metrics.update(probe_questions=len(self.probe_questions(r)), probe_accuracy_before=self.probe(r, version))
         artifacts.write_json(report, metrics)
-        artifacts.write_jsonl(out, [p.as_dict() for p in paths])  # last: its presence marks the stage done
+        artifacts.write_jsonl(out, [p.as_dict() for p in paths])
+        self.ledger.finished(stage)
         self.logger.log(metrics, step=r, stage="samples")
         return paths, metrics
 
-    def pairs(self, r: int, paths: List[ScoredPath]):
+    def pairs(self, r: int, paths: List[ScoredPath], stage: Stage):
         out = artifacts.round_dir(self.run_dir, r)
-        if (out / "pairs.jsonl").is_file():
+        if self.ledger.prepare(stage) == "reuse":
             pairs = [PreferencePair(**row) for row in artifacts.read_jsonl(out / "pairs.jsonl")]
             return pairs, artifacts.read_json(out / "pair_report.json")
+        self.ledger.started(stage)
         uids = {p.uid for p in paths}
         questions = [ex for ex in self.questions if ex.uid in uids]
         demonstrations = None
@@ -200,43 +291,21 @@ class SelfRefineLoop:
         metrics = report.as_metrics()
         artifacts.write_json(out / "pair_report.json", metrics)
         artifacts.write_jsonl(out / "pairs.jsonl", [p.as_dict() for p in pairs])
+        self.ledger.finished(stage)
         return pairs, metrics
-
-    def nccl_sync(self) -> bool:
-        """NCCL broadcast when asked, or (auto) when learners and vLLM samplers both hold GPUs."""
-        r, sampler = self.cfg.refine, self.cfg.sampler
-        if r.weight_sync == "auto":
-            return r.gpus_per_learner > 0 and sampler.gpus_per_actor > 0 and sampler.backend == "vllm"
-        return r.weight_sync == "nccl"
-
-    def ensure_pool_version(self, version: int) -> None:
-        """Bring the samplers to ``version`` from its exported folder (after a restart of the driver)."""
-        if self.pool.version == version:
-            return
-        folder = self.sft_model if version == 0 else str(artifacts.round_dir(self.run_dir, version) / "model")
-        load_folder_into_pool(self.pool, folder, version, self.cfg.refine.sync_bucket_mb << 20)
-
-    def learner_group(self) -> LearnerGroup:
-        if self.learners is None:
-            r = self.cfg.refine
-            self.learners = LearnerGroup(learner_spec(self.cfg, self.sft_model, r.num_learners), r.num_learners,
-                                         r.cpus_per_learner, r.gpus_per_learner, env=learner_env(r.num_learners))
-            done = latest_step(self.ckpt_root)
-            if done:
-                self.learners.restore(str(self.ckpt_root), done)
-        return self.learners
 
     def shutdown(self) -> None:
         if self.learners is not None:
             self.learners.shutdown()
             self.learners = None
+            self.learners_at = None
 
 
-def learner_spec(cfg: Config, sft_model: str, world_size: int) -> LearnerSpec:
-    """The learners' settings from the config: the policy starts from the SFT model."""
+def learner_spec(cfg: Config, sft_model: str, world_size: int, policy_path: Optional[str] = None) -> LearnerSpec:
+    """The learners' settings from the config: the policy starts from ``policy_path`` (default: the SFT model)."""
     d = cfg.dpo
     return LearnerSpec(
-        policy_path=sft_model, reference_path=sft_model if d.reference == "sft" else None,
+        policy_path=policy_path or sft_model, reference_path=sft_model if d.reference == "sft" else None,
         dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code,
         backend=cfg.distributed.backend, zero_stage=cfg.distributed.zero_stage,
         offload_optimizer=cfg.distributed.offload_optimizer, micro_batch_size=d.micro_batch_size,

@@ -1,8 +1,8 @@
 """A DPO learner rank: one DeepSpeed ZeRO-3 process, run as a Ray actor by ``LearnerGroup``.
 
 Per round (the driver calls these in order, on every rank at once):
-    train_round(shard)       reference log-probs of the whole shard once, then DPO steps
-    save(ckpt_root, round)   model + optimizer + RNG (DeepSpeed checkpoint), to resume a round
+    train_round(shard)       a fresh optimizer state, reference log-probs of the whole shard once,
+                             then DPO steps
     publish_weights(...)     gather the ZeRO-3 weights on rank 0: export a Hugging Face folder
                              and put them into the object store in buckets for the samplers
 
@@ -114,7 +114,7 @@ class DPOLearner:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
         return engine
 
-    def restore(self, ckpt_root: str, round_idx: int) -> None:
+    def restore(self, ckpt_root: str, round_idx: int) -> None:  # ``selfrefine dpo`` checkpoints
         """Continue from the end of round ``round_idx`` (model, optimizer, RNG)."""
         from selfrefine_dist.train.checkpoint import load_checkpoint
 
@@ -138,6 +138,7 @@ class DPOLearner:
         collate = collate_packed_pairs if packed else collate_pairs
         batches = [[collate(micro, pad) for micro in step] for step in shard]
 
+        reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
         t0 = time.perf_counter()
         ref_logps = self._reference_logps(batches)  # once per round, never per step
         reference_s = time.perf_counter() - t0
@@ -324,6 +325,20 @@ def head_inputs(model, batch, device: torch.device):
     if out is None:
         return None
     return out[0], out[1], batch.labels[:, 1:].to(device)
+
+
+def reset_optimizer_state(engine) -> None:
+    """Forget Adam's moments and step counts: the next step starts as a new optimizer would.
+
+    DeepSpeed wraps the torch optimizer (ZeRO's partitioned fp32 copies, bf16 wrappers); the torch
+    optimizer innermost keeps ``state`` per parameter and re-creates it lazily when it is empty.
+    """
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer") and not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
+    optimizer.state.clear()
 
 
 def _grad_norm(engine) -> float:

@@ -18,7 +18,12 @@ class ScoredPath:
     """One sampled answer to one question, with its reward.
 
     style: "cot" (a reasoning path) or "direct" (asked for the answer only).
+    correct, reason: the reward's verdict. Under the "step_checked" reward a path whose final answer
+        is right but whose steps are not gets correct=False, reason="wrong_step" (a lucky path).
     model_version: the policy version that sampled it (0 = the SFT model, r = after round r).
+    steps_ok: whether its intermediate steps check out (``rewards.steps``); None when the task
+        has no step checker or the path is a direct answer. Last, with a default, so that rows
+        written before it existed still load with ``ScoredPath(**row)``.
     """
 
     uid: str
@@ -32,6 +37,7 @@ class ScoredPath:
     extracted: Optional[str]
     reason: str
     model_version: int
+    steps_ok: Optional[bool] = None
 
     def as_dict(self) -> dict:
         return asdict(self)

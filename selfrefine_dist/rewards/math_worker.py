@@ -63,11 +63,25 @@ def parse_value(text: str) -> object | None:
     return value
 
 
+def _latex_reading(text: str) -> object | None:
+    """The value of ``text`` read as LaTeX (inside ``$...$``), for text with LaTeX structure
+    written without delimiters; None for other text."""
+    if "$" in text or text.startswith("\\boxed") or not any(c in text for c in "\\^{}"):
+        return None
+    return _first_value(parse(f"Answer: ${text}$", _EXTRACTION_CONFIG, parsing_timeout=None))
+
+
 def compare(answer_text: str, gold: str) -> dict:
     """Parse the gold and the answer with math-verify and compare their values.
 
     Only the sympy values are compared, never math-verify's fallback strings: an answer that
-    cannot be turned into a value does not equal the gold by spelling alone.
+    cannot be turned into a value does not equal the gold by spelling alone. LaTeX written
+    without delimiters is read both ways, as text and as LaTeX, and equals the gold only if
+    every reading does: math-verify reads "2^{10}" as text as 2 and as LaTeX as 1024, and
+    "\\frac{1}{\\frac{1}{2}}" as text as 1/2; such an answer is no plain statement of 2 or 1/2.
+
+        >>> compare("2^{10}", "2")["equal"], compare("2^{10}", "1024")["equal"]
+        (False, False)
     """
     gold_value = parse_value(gold)
     answer_value = parse_value(answer_text)
@@ -76,6 +90,9 @@ def compare(answer_text: str, gold: str) -> dict:
         and answer_value is not None
         and verify(gold_value, answer_value, timeout_seconds=None)
     )
+    if equal:
+        as_latex = _latex_reading(answer_text)
+        equal = as_latex is None or verify(gold_value, as_latex, timeout_seconds=None)
     return {
         "gold_parsed": gold_value is not None,
         "answer_parsed": answer_value is not None,

@@ -16,7 +16,7 @@ from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import DataError
 from selfrefine_dist.refine import artifacts
 from selfrefine_dist.refine.records import PreferencePair
-from selfrefine_dist.tracking import MetricsLogger
+from selfrefine_dist.tracking import MetricsLogger, config_dict
 
 
 def read_pairs(path: str) -> list:
@@ -54,7 +54,8 @@ def run_dpo(cfg: Config, run_dir: Path) -> Path:
     if plan.steps == 0:
         raise DataError(f"{cfg.dpo.pairs_file}: {len(examples)} usable pairs do not fill one batch of {plan.global_batch}")
     logger = MetricsLogger(run_dir, enabled=rank == 0, wandb_mode=cfg.logging.wandb_mode,
-                           wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name)
+                           wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
+                           config=config_dict(cfg))
     if rank == 0:
         print(f"dpo: {len(examples)} pairs (dropped {dropped or 'none'}), {plan.steps} steps, world {world}", flush=True)
     history = learner.train_round(plan.shards[rank], 1)

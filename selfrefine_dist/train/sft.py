@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 import torch
 
 from selfrefine_dist.config import Config
-from selfrefine_dist.data.demonstrations import select_demonstrations
-from selfrefine_dist.data.sft_dataset import build_sft_examples, collate
+from selfrefine_dist.data.sft_dataset import SFTSlice, build_sft_data, collate
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 from selfrefine_dist.models.logprobs import causal_nll_sum
-from selfrefine_dist.tracking import MetricsLogger
+from selfrefine_dist.tracking import MetricsLogger, config_dict
 from selfrefine_dist.train import distributed as dist
 from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from selfrefine_dist.train.ds_config import deepspeed_config
@@ -34,25 +34,32 @@ from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
 
 
 def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
-    """Demonstrations that pass the answer check, tokenized; reports go to ``out_dir``."""
-    if cfg.teach.enabled:  # the teacher's checked demonstrations (``selfrefine teach``)
+    """Every ``data.train`` slice tokenized with its own style (its ``prompt_style``, else
+    ``data.prompt_style``): cot slices keep the demonstrations that pass the answer check, direct
+    slices train the answer sentence alone. The per-slice report goes to ``out_dir``."""
+    teacher_rationales = None
+    if cfg.teach.enabled:  # the teacher's checked demonstrations (``selfrefine teach``) replace the data's own
         from selfrefine_dist.refine.teach import demonstrations_path, read_demonstrations
 
-        examples = read_demonstrations(demonstrations_path(out_dir.parent))
-    else:
-        examples = load_slices(cfg.data.train)
-    if cfg.data.prompt_style == "cot":
-        examples, demo_report = select_demonstrations(examples)
-    else:
-        demo_report = None
-    sft_examples, tok_report = build_sft_examples(examples, tokenizer, cfg.data.max_len, cfg.data.prompt_style)
-    report = {"demonstrations": demo_report.as_dict() if demo_report else None, "tokenize": tok_report.as_dict()}
+        teacher_rationales = {ex.uid: ex.rationale for ex in read_demonstrations(demonstrations_path(out_dir.parent))}
+    slices = []
+    for i, ds in enumerate(cfg.data.train):
+        style = ds.prompt_style or cfg.data.prompt_style
+        examples = load_slices([ds])
+        if teacher_rationales is not None and style == "cot":
+            # a question the teacher got wrong has no demonstration: dropped as "no_rationale"
+            examples = [replace(ex, rationale=teacher_rationales.get(ex.uid)) for ex in examples]
+        slices.append(SFTSlice(f"data.train[{i}] {ds.task}/{ds.split}", style, tuple(examples)))
+    sft_examples, data_report = build_sft_data(slices, tokenizer, cfg.data.max_len)
+    report = data_report.as_dict()
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "data_report.json").write_text(json.dumps(report, indent=2))
-        if demo_report:
-            dist.print0(demo_report.summary())
-        dist.print0(f"sft examples: {tok_report.kept} (dropped: {tok_report.dropped or 'none'}, max_len {cfg.data.max_len})")
+        for slice_report in data_report.slices:
+            dist.print0(slice_report.summary())
+        tokenized = data_report.tokenize
+        dist.print0(f"sft examples: {tokenized.kept} (dropped: {tokenized.dropped or 'none'}, "
+                    f"max_len {cfg.data.max_len})")
     return sft_examples, report
 
 
@@ -97,7 +104,8 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
     out_dir = Path(run_dir) / "sft"
     ckpt_dir, model_dir = out_dir / "checkpoints", out_dir / "model"
     logger = MetricsLogger(run_dir, enabled=dist.is_main(), wandb_mode=cfg.logging.wandb_mode,
-                           wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name)
+                           wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
+                           config=config_dict(cfg))
 
     # ---- data
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path), cfg.model.trust_remote_code,

@@ -33,3 +33,14 @@ def test_gsm_symbolic_demonstrations_are_checked_against_their_gold():
     kept, report = select_demonstrations(examples)
     assert report.kept + sum(report.dropped.values()) == 60
     assert report.kept >= 50  # a few generated rationales disagree with their own answer and are dropped
+
+
+def test_reports_of_slices_combine():
+    from selfrefine_dist.data.demonstrations import DemonstrationReport
+
+    a = DemonstrationReport(total=5, kept=3, dropped={"wrong": 2}, dropped_examples={"wrong": ["a1", "a2"]})
+    b = DemonstrationReport(total=4, kept=1, dropped={"wrong": 1, "no_rationale": 2},
+                            dropped_examples={"wrong": ["b1"], "no_rationale": ["b2", "b3"]})
+    both = DemonstrationReport.combine([a, b], show_per_reason=2)
+    assert (both.total, both.kept, both.dropped) == (9, 4, {"wrong": 3, "no_rationale": 2})
+    assert both.dropped_examples == {"wrong": ["a1", "a2"], "no_rationale": ["b2", "b3"]}

@@ -69,3 +69,49 @@ def test_no_chat_template_falls_back_to_plain_frame(tokenizer):
     assert render_prompt(plain, "Q?") == "Question: Q?\nAnswer: "
     item = tokenize_pair(plain, "u", "Q?", "The answer is 1.")
     assert item.num_response_tokens > 0
+
+
+def test_each_slice_trains_with_its_own_style(tokenizer):
+    from selfrefine_dist.data.records import ReasoningExample
+    from selfrefine_dist.data.sft_dataset import SFTSlice, build_sft_data
+
+    chain = load_examples("chain_sum", "offline", "train", limit=12)
+    wrong = ReasoningExample("chain_sum/x/wrong", "chain_sum", "Compute 1 + 1 =", "2", rationale="1 + 1 = 3.")
+    csqa = load_examples("csqa", "offline", "train", limit=8)  # no rationale: direct is the only way to train it
+    slices = [SFTSlice("data.train[0] chain_sum/train", "cot", tuple(chain) + (wrong,)),
+              SFTSlice("data.train[1] csqa/train", "direct", tuple(csqa))]
+    items, report = build_sft_data(slices, tokenizer, max_len=1024)
+    assert [it.uid for it in items] == [e.uid for e in chain + csqa]  # slice order; the wrong demonstration dropped
+    responses = [tokenizer.decode([t for t in it.labels if t != -100]) for it in items]
+    prompts = [tokenizer.decode([t for t, label in zip(it.input_ids, it.labels) if label == -100]) for it in items]
+    for ex, response, prompt in zip(chain, responses, prompts):
+        assert response.startswith(f"{ex.rationale}\nThe answer is {ex.answer}.<|im_end|>")
+        assert "Let's think step by step" in prompt
+    for ex, response, prompt in zip(csqa, responses[len(chain):], prompts[len(chain):]):
+        assert response.startswith(f"The answer is {ex.answer}.<|im_end|>")  # the answer sentence alone
+        assert "Give only the final answer" in prompt and "(A)" in prompt
+    cot, direct = report.slices
+    assert (cot.name, cot.style, cot.loaded, cot.tokenize.kept) == ("data.train[0] chain_sum/train", "cot", 13, 12)
+    assert cot.demonstrations.dropped == {"wrong": 1} and cot.demonstrations.dropped_examples == {"wrong": [wrong.uid]}
+    assert (direct.style, direct.loaded, direct.demonstrations, direct.tokenize.kept) == ("direct", 8, None, 8)
+    summary = report.as_dict()
+    assert summary["demonstrations"]["kept"] == 12 and summary["tokenize"]["kept"] == 20
+    assert [s["tokenize"]["kept"] for s in summary["slices"]] == [12, 8]
+    assert cot.summary().startswith("data.train[0] chain_sum/train (cot): 12 sft examples of 13 loaded; demonstrations")
+
+
+def test_too_long_examples_are_counted_in_their_slice(tokenizer):
+    from selfrefine_dist.data.sft_dataset import SFTSlice, build_sft_data
+
+    gsm = load_examples("gsm8k", "offline", "test", limit=10)
+    csqa = load_examples("csqa", "offline", "train", limit=10)
+    lengths = [len(e.input_ids) for e in build_sft_examples(gsm, tokenizer, 4096)[0]]
+    cut = sorted(lengths)[4]
+    _, report = build_sft_data([SFTSlice("gsm", "cot", tuple(gsm)), SFTSlice("csqa", "direct", tuple(csqa))],
+                               tokenizer, max_len=cut)
+    too_long_csqa = sum(len(e.input_ids) > cut for e in build_sft_examples(csqa, tokenizer, 4096, "direct")[0])
+    assert report.slices[0].tokenize.dropped == {"too_long": sum(n > cut for n in lengths)}
+    assert report.slices[1].tokenize.dropped == ({"too_long": too_long_csqa} if too_long_csqa else {})
+    assert report.tokenize.kept == 20 - sum(n > cut for n in lengths) - too_long_csqa
+    with pytest.raises(ValueError, match="unknown prompt style 'short'"):
+        build_sft_data([SFTSlice("csqa", "short", tuple(csqa))], tokenizer, max_len=cut)
