@@ -106,5 +106,4 @@ def dpo_stage(cfg: Config, r: int, pairs_fp: str, start_fp: str, sft_fp: str, dt
         "pairs": pairs_fp, "start": start_fp, "reference": reference, "dtype": dtype,
         "dpo": _section(d, ("pairs_file",)), "num_learners": cfg.refine.num_learners,
         "zero_stage": cfg.distributed.zero_stage, "max_len": cfg.data.max_len, "seed": cfg.run.seed,
-        "probe_questions": cfg.refine.probe_questions,
-    }, (f"{rd}/dpo_metrics.jsonl", f"{rd}/model", f"{rd}/probe.json"))
+    }, (f"{rd}/dpo_metrics.jsonl", f"{rd}/model"))

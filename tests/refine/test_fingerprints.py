@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.refine.test_loop import CONFIG, run
+from test_loop import CONFIG, run
 
 pytestmark = pytest.mark.slow
 
