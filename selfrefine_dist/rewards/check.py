@@ -27,7 +27,9 @@ one that offers alternatives ("9 or 10", "A (or B)") is "wrong". A completion wh
 lie before the tail has "no_answer": its answer is out of reach, and no number read in the tail
 stands in for it. See ``extract.answer_problem`` and ``choice.read_choice_answer``.
 
-    >>> check_answer("The answer is " + "9" * 5000 + ".", "9", "number").reason
+    >>> check_answer("The answer is " + "9" * 300 + ".", "9", "number").reason  # cut at SPAN_CHARS
+    'parse_failure'
+    >>> check_answer("9" * 5000, "9", "number").reason  # cut by the tail and the number pattern
     'parse_failure'
     >>> check_answer("The answer is 9 or 10.", "9", "number")
     RewardResult(correct=False, extracted='9 or 10', reason='wrong')

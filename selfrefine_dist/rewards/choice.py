@@ -14,9 +14,18 @@ Rules, in order:
 2. Without a marker, the first and the last line of the completion count if they are nothing
    but an option ("B", "(B)", "B. pencil", "pencil"); if they name different options, the
    answer is ambiguous (rule 3). With markers, a later statement overrides an earlier one.
-3. One answer may name several options: "A or C", "both A and C", "A, C", or a letter whose text
-   is another option's ("B) pencil" when pencil is C). Such an answer is ambiguous and the caller
-   judges it wrong, even when the gold is among them: hedging must not earn a reward.
+3. One answer may name several options: "A or C", "both A and C", "A, C", "A and/or C", a letter
+   whose text is another option's ("B) pencil" when pencil is C), or another option letter later
+   in the same sentence ("A (or maybe B)", "A, since B is wrong"). Such an answer is ambiguous and
+   the caller judges it wrong, even when the gold is among them: hedging must not earn a reward.
+4. No reading through a window: an answer line cut by ``CHOICE_SPAN_CHARS`` before its sentence
+   ends, an answer with control, format or combining characters, odd spaces or confusables
+   (``extract.has_unplain_characters``), an answer put as a question ("B?") or followed by an
+   alternative that names no option ("B or not B", "B.\nOr C") names no option (the caller
+   judges it a parse failure). A first or last line longer than ``CHOICE_SPAN_CHARS`` is not
+   read, and if what shows of it could be an answer line, the other line does not decide alone
+   (no answer). When the tail has no marker but the text before it does, the final answer is
+   out of reach: no answer, rather than a line read in the tail.
 
     >>> read_choice_answer("Pencils write. The answer is (B) pencil.", ["pen", "pencil", "ink"])
     ChoiceAnswer(letters=frozenset({'B'}), stated='(B) pencil')
@@ -26,6 +35,8 @@ Rules, in order:
     frozenset({'B'})
     >>> read_choice_answer("I am not sure.", ["pen", "pencil", "ink"])
     ChoiceAnswer(letters=frozenset(), stated=None)
+    >>> sorted(read_choice_answer("The answer is A (or maybe C).", ["pen", "pencil", "ink"]).letters)
+    ['A', 'C']
 """
 from __future__ import annotations
 
@@ -34,7 +45,7 @@ import string
 from dataclasses import dataclass
 from typing import Sequence
 
-from .extract import TAIL_CHARS, completion_tail
+from .extract import HEDGE_AFTER, TAIL_CHARS, has_unplain_characters, marker_before
 
 DEFAULT_LETTERS = "ABCDE"  # the letters a gold may name when the option texts are not given
 # An answer after a marker fits on a line; options are rarely longer than a sentence.
@@ -60,10 +71,22 @@ _MARKED_LETTER = re.compile(
 )
 _BARE_LETTER = re.compile(r"(?P<upper>[A-Z])(?=[\s,;!?/\"*]|$)|(?P<lower>[a-z])(?=[\s.,;!?]*$)")
 _AFTER_LETTER = re.compile(r"\s*(?:[-:]\s*)?")  # "B - pencil", "B: pencil", "B pencil"
-_JOINER = re.compile(r"\s*(?:,\s*(?:(?:or|and)\s+)?|/\s*|\s(?:or|and|&)\s+)", re.IGNORECASE)
+_JOINER = re.compile(r"\s*(?:,\s*(?:(?:or|and)\s+)?|/\s*|\s(?:and\s*/\s*or|or|and|&)\s+)", re.IGNORECASE)
 _LEAD_WORDS = re.compile(r"(?i:either|both)\s+")
 _ARTICLES = ("", "a ", "an ", "the ")
 _TRAILING_JUNK = re.compile(r"[\s.,;!?*_`\"')\]]*")
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# What may follow the options read at the start of a cut line for it to be options only so far.
+_OPTIONS_SO_FAR = re.compile(r"(?:[\s.,;!?*_`\"')\]/&]|(?i:\b(?:or|and)\b))*")
+_OR_WORD = re.compile(r"(?i:\bor\b)")
+_ODD_SPACE = re.compile(r"[^\S \t\r\n]")
+# Option letters named after the answer in the same sentence: "(B)", "[B]", "option b", a bare "B".
+_OTHER_REFERENCE = re.compile(
+    r"(?<![A-Za-z0-9])(?:\((?P<paren>[A-Za-z])\)|\[(?P<bracket>[A-Za-z])\]"
+    r"|(?i:option|choice)\s*\(?(?P<named>[A-Za-z])\)?(?![A-Za-z0-9])|(?P<upper>[A-Z])(?![A-Za-z0-9]))"
+)
+# Literal words without which no marker can be there (see ``extract.marker_before``).
+_MARKER_WORDS = ("answer", "option", "choice", "####", "\\boxed", "correct", "right", "best")
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,15 @@ class _OptionReader:
             named, position = named | more, end
         return named, position
 
+    def other_letters(self, text: str) -> frozenset[str]:
+        """The option letters ``text`` names in passing ("(B)", "option b", a bare "B")."""
+        named = set()
+        for match in _OTHER_REFERENCE.finditer(text):
+            letter = next(group for group in match.groups() if group).upper()
+            if letter in self.letters:
+                named.add(letter)
+        return frozenset(named)
+
     def _reference(self, text: str, position: int) -> tuple[frozenset[str], int]:
         """One reference at ``position``: a marked letter, an option text or a bare letter."""
         marked = _MARKED_LETTER.match(text, position)
@@ -184,17 +216,60 @@ def _as_stated(span: str) -> str:
     return span.rstrip(". ") or span
 
 
-def _marked_spans(tail: str) -> list[str]:
+@dataclass(frozen=True)
+class _Span:
+    """An answer stated after a marker, up to the end of its line.
+
+    cut: the line goes on past ``CHOICE_SPAN_CHARS``, or its marker stands at the very start of
+        a tail that cuts the completion (what came just before it is unknown).
+    """
+
+    text: str
+    cut: bool
+    at_cut_start: bool
+    odd_space: bool  # the raw line had spaces that ``str.split`` swallows ("\x1c", "\u2028")
+    next_line: str  # the start of the line after it ("" if none within reach)
+
+
+def _marked_spans(tail: str, tail_cuts: bool) -> list[_Span]:
     """The answers stated after each marker in ``tail``, the last first."""
     starts = [match.end() for match in _MARKER.finditer(tail)]
     starts += [match.start() for match in _BOXED_START.finditer(tail)]
     starts += [match.start() for match in _LETTER_FIRST.finditer(tail)]
     spans = []
     for start in sorted(starts, reverse=True)[:MAX_MARKERS_READ]:
-        span = _clean_line(tail[start:start + CHOICE_SPAN_CHARS].split("\n", 1)[0])
+        window = tail[start:start + CHOICE_SPAN_CHARS]
+        line, newline, _ = window.partition("\n")
+        span = _clean_line(line)
         if span:
-            spans.append(span)
+            cut = not newline and start + CHOICE_SPAN_CHARS < len(tail)
+            next_line = tail[start + len(line) + 1:start + len(line) + 1 + 40] if newline else ""
+            spans.append(_Span(span, cut, tail_cuts and start == 0, bool(_ODD_SPACE.search(line)), next_line))
     return spans
+
+
+def _judge_span(span: _Span, named: frozenset[str], end: int, reader: _OptionReader) -> ChoiceAnswer:
+    """The answer a span gives, once its first ``end`` characters were read as ``named``: the
+    rest of its sentence may name other options (ambiguous), a cut may hide them (unreadable)."""
+    stated = _as_stated(span.text)
+    rest = span.text[end:]
+    sentence_end = _SENTENCE_END.search(rest)
+    if span.at_cut_start or span.odd_space or (span.cut and sentence_end is None):
+        return ChoiceAnswer(frozenset(), stated)
+    rest_of_sentence = rest[:sentence_end.start()] if sentence_end else rest
+    if has_unplain_characters(span.text[:end] + rest_of_sentence):
+        return ChoiceAnswer(frozenset(), stated)
+    closing = sentence_end.group(0) if sentence_end else ""
+    if "?" in span.text[:end] + rest_of_sentence + closing:  # "B?", "library (bank?)": a question
+        return ChoiceAnswer(frozenset(), stated)
+    named = named | reader.other_letters(rest_of_sentence)
+    # One option, then an alternative that names none ("B or not B", "B, or the bank"), in the
+    # same sentence or opening the next sentence or line ("B.\nOr C"): a hedge, not an answer.
+    following = rest[sentence_end.end():] if sentence_end else ""
+    if len(named) == 1 and (_OR_WORD.search(rest_of_sentence) or HEDGE_AFTER.match(following)
+                            or (not following.strip() and HEDGE_AFTER.match(span.next_line))):
+        return ChoiceAnswer(frozenset(), stated)
+    return ChoiceAnswer(named, stated)
 
 
 def _whole_line_answer(line: str, reader: _OptionReader) -> frozenset[str]:
@@ -206,22 +281,55 @@ def _whole_line_answer(line: str, reader: _OptionReader) -> frozenset[str]:
     return frozenset()
 
 
+def _edge_lines(completion: str, reader: _OptionReader) -> tuple[list[str], bool]:
+    """The first and the last non-empty line of a completion that lie whole within
+    ``CHOICE_SPAN_CHARS`` of their end of it, and whether a line cut by that window may be an
+    answer line: a first line whose visible start is nothing but options so far ("B or B or ..."),
+    a last line whose visible end is ("... A or C"). Such a line cannot be read, and the other
+    line must not decide alone."""
+    long = len(completion) > CHOICE_SPAN_CHARS
+    lines, blocked = [], False
+    head = completion[:CHOICE_SPAN_CHARS].split("\n")
+    first = next((i for i, line in enumerate(head) if line.strip()), None)
+    if first is not None and long and first == len(head) - 1:
+        visible = _clean_line(head[first])
+        named, end = reader.read(visible)
+        blocked = bool(named) and bool(_OPTIONS_SO_FAR.fullmatch(visible, end))
+    elif first is not None:
+        lines.append(head[first])
+    end_lines = completion[-CHOICE_SPAN_CHARS:].split("\n")
+    last = next((i for i in range(len(end_lines) - 1, -1, -1) if end_lines[i].strip()), None)
+    before_window = completion[-CHOICE_SPAN_CHARS - 1:-CHOICE_SPAN_CHARS]
+    if last is not None and long and last == 0 and before_window != "\n":
+        visible = end_lines[0]
+        if not before_window.isspace():  # the window starts inside a word: drop that piece
+            visible = visible.split(None, 1)[1] if len(visible.split(None, 1)) > 1 else ""
+        blocked = blocked or bool(_whole_line_answer(visible, reader))
+    elif last is not None:
+        lines.append(end_lines[last])
+    return lines, blocked
+
+
 def read_choice_answer(completion: str, choices: Sequence[str] | None) -> ChoiceAnswer:
     """The options a completion's final answer names; see the module docstring for the rules."""
     reader = _OptionReader(choices)
-    tail = completion_tail(completion, TAIL_CHARS)
-    spans = _marked_spans(tail)
+    tail_start = max(0, len(completion) - TAIL_CHARS)
+    spans = _marked_spans(completion[tail_start:], tail_start > 0)
     for span in spans:
-        named, _ = reader.read(span)
+        named, end = reader.read(span.text)
         if named:
-            return ChoiceAnswer(named, _as_stated(span))
+            return _judge_span(span, named, end, reader)
     if spans:  # a final answer was stated, but it names no option
-        return ChoiceAnswer(frozenset(), _as_stated(spans[0]))
-    first_line = [line for line in completion[:CHOICE_SPAN_CHARS].split("\n") if line.strip()][:1]
-    last_line = [line for line in tail[-CHOICE_SPAN_CHARS:].split("\n") if line.strip()][-1:]
-    naming = [(line, _whole_line_answer(line, reader)) for line in first_line + last_line]
-    naming = [(line, named) for line, named in naming if named]
-    if not naming:
+        return ChoiceAnswer(frozenset(), _as_stated(spans[0].text))
+    if marker_before(completion, tail_start, _MARKER_WORDS, (_MARKER, _BOXED_START, _LETTER_FIRST)):
         return ChoiceAnswer(frozenset(), None)
+    lines, blocked = _edge_lines(completion, reader)
+    naming = [(line, _whole_line_answer(line, reader)) for line in lines]
+    naming = [(line, named) for line, named in naming if named]
+    if not naming or blocked:
+        return ChoiceAnswer(frozenset(), None)
+    stated = _as_stated(_clean_line(naming[-1][0]))
+    if any(has_unplain_characters(line) for line, _ in naming):
+        return ChoiceAnswer(frozenset(), stated)
     letters = frozenset().union(*(named for _, named in naming))
-    return ChoiceAnswer(letters, _as_stated(_clean_line(naming[-1][0])))
+    return ChoiceAnswer(letters, stated)

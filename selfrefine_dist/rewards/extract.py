@@ -22,8 +22,14 @@ the checker never counts it correct:
 - "malformed": non-ASCII digits or confusables (anything NFKC would change: "\uff19", "\u2079"),
   control, format or combining characters, unbalanced brackets, a dangling operator, a factorial
   or exponent glued on ("9!", "1e100"), letters glued to the number ("x9");
-- "ambiguous": several numbers offered as alternatives ("9 or 10", "9, 10", "9 9", "between 9 and
-  10"); reported as a wrong answer, as for multiple choice.
+- "ambiguous": several numbers offered as alternatives or joined in a way math-verify reads as
+  the first one ("9 or 10", "9, 10", "9 9", "9 and 10", "9:10", "between 9 and 10"), a bound, an
+  estimate or a negation ("at least 9", "9 or more", "about 9", "not 9", "9?"), a scale word
+  ("9 thousand", "9k"), or an alternative opening the next sentence or line ("9.\\nOr 10");
+  reported as a wrong answer, as for multiple choice.
+A box inside a box counts as its outer box when that holds more ("\\boxed{\\boxed{9} + 1}" is
+malformed, not 9); LaTeX written without delimiters must read the same as text and as LaTeX
+(``math_worker.compare``: "2^{10}" is not 2).
 
     >>> find_number_answer("16 - 3 - 4 = 9 eggs. 9 * 2 = 18. The answer is 18.")
     NumberAnswer(text='18', marker='answer is', problem=None)
@@ -55,7 +61,6 @@ SPAN_CHARS = 200
 MAX_DIGITS = 30
 # How far past the tail's start a marker cut by it may reach (the longest marker is ~40 chars).
 MARKER_OVERLAP = 64
-PROBLEMS = ("cut", "too_long", "malformed", "ambiguous")
 
 # "The answer is", "the final answer is:", "Answer:", "**Answer**:", "answer =", "####".
 # A bare "answer" without a verb or a colon ("to answer 3 questions") is not a marker.
@@ -88,17 +93,46 @@ _NUMBER_TOKEN = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])(?:\.[0-9]+)?"
                            r"|[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
 # Words that offer alternatives when two numbers stand around them.
 _ALTERNATIVES = re.compile(r"(?i:\b(?:or|either|between|to|versus|vs)\b)|\u00b1|\\[pm]{2}\b|\+/-")
-_LIST_SEPARATOR = re.compile(r"\s*[,;&]\s*|\s+")
+_WORD = re.compile(r"[A-Za-z]+")
+# What may stand between two numbers for math-verify to read them as one expression: operators
+# and LaTeX structure ("20 - 2", "3/4", "\\frac{1}{2}", "2^{10}", "(3)(4)" is not: no operator).
+_READ_TOGETHER = re.compile(r"[\s()\[\]\\]*(?:[-+*/^\u00d7\u00f7\u00b7{}][\s()\[\]\\{}]*)+")
+_LATEX_OPERATORS = {"\\cdot", "\\times", "\\div"}
+# Words that join two numbers without making them one value: the numbers are alternatives, a
+# range, a product or a ratio that math-verify would read as the first number.
+_CONNECTIVES = {"and", "or", "plus", "minus", "times", "x", "by", "over", "to", "vs", "versus", "nor", "then",
+                "of", "out", "in", "per", "from", "through", "till", "until"}
+# Words before the number that make it a bound, an estimate or a negation.
+_QUALIFIERS = {"not", "no", "never", "neither", "nor", "least", "most", "more", "less", "fewer", "than", "over",
+               "under", "above", "below", "nearly", "almost", "approximately", "approx", "about", "around",
+               "roughly", "between", "from", "except", "without", "maybe", "perhaps", "possibly", "probably",
+               "either", "greater", "smaller", "larger", "higher", "lower", "within", "up", "unlike"}
+# Words that, anywhere in an answer, make it an estimate, a bound or a negation.
+_HEDGES = {"not", "no", "never", "approximately", "approx", "about", "roughly", "around", "nearly", "almost",
+           "maybe", "perhaps", "possibly", "probably", "least", "most", "below", "under", "minus", "negative",
+           "except", "unless", "guess", "estimate", "estimated"}
+_QUALIFIED_AFTER = re.compile(
+    r"\s*(?:(?i:or\s+(?:more|less|fewer|so|greater|higher|lower|above|below|over|under)"
+    r"|at\s+(?:least|most)|and\s+(?:up|above|over|more)|plus|ish|-ish"
+    r"|(?:hundred|thousand|million|billion|trillion|quadrillion|dozen|gross|score|lakh|crore)s?)\b)"
+)
+_SCALE_SUFFIXES = {"k", "K", "M", "B", "bn", "mn"}
+# An answer followed, in the next sentence or line, by an alternative: "9.\nOr 10", "9. Or maybe 10".
+HEDGE_AFTER = re.compile(r"[\s.*_`]*\(?\s*(?i:or|and/or|alternatively)\b")
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
 _OPERATOR_NEXT_TO_WORD = re.compile(r"[A-Za-z]\s*[-+*^\u00d7\u00f7]\s*[0-9.]|[0-9]\s*[-+*^\u00d7\u00f7]\s*[A-Za-z]")
 _DANGLING = "+-*/^=\u00d7\u00f7"
 _BRACKETS = {")": "(", "]": "[", "}": "{"}
 # Characters that, next to a number found as the last number-like text, make it a piece of
 # something larger: touching it (before, after), or past spaces and brackets (before, after).
-# "=" may stand before a final number ("x = 9"), not after it ("9 = x").
-_TOUCHING_BEFORE = set("_\\{}^.,")
+# "=" may stand before a final number ("x = 9"), not after it ("9 = x"); "$" before it is currency.
+_TOUCHING_BEFORE = set("_\\{}^.,:|~#@'")  # not ">": GSM8K's "<<9*2=18>>18"
 _TOUCHING_AFTER = set("_\\{}^!$")
-_NEAR_BEFORE = set("+-*/^_\\{$\u00d7\u00f7\u00b7")
+_NEAR_BEFORE = set("+-*/^_\\{|~\u00d7\u00f7\u00b7")
+# Words that, just before the last number, make it an operand ("9 x 9", "18 divided by 2").
+_OPERAND_WORDS = {"and", "or", "plus", "minus", "times", "x", "by", "over", "vs", "versus", "nor", "divided"}
+_LAST_WORD = re.compile(r"(?<![A-Za-z])[A-Za-z]+$")
+_ENDS_WITH_COMMAND = re.compile(r"\\[A-Za-z]+$")
 _NEAR_AFTER = set("+-*/^=_\\{}$\u00d7\u00f7\u00b7")
 
 
@@ -146,13 +180,13 @@ def normalize_answer_text(text: str) -> str:
 def has_unplain_characters(text: str) -> bool:
     """Whether ``text`` holds characters that make an answer unplain: digits other than 0-9
     ("\u0669", "\U0001d7d7"), control, format, private or unassigned characters, combining marks,
-    lone surrogates, or anything NFKC would rewrite (full-width forms, superscripts, "\u00bd",
-    the Kelvin sign, no-break spaces). Tabs count as spaces."""
+    lone surrogates, spaces other than " ", tab and line breaks (some vanish in ``str.split``),
+    or anything NFKC would rewrite (full-width forms, superscripts, "\u00bd", the Kelvin sign)."""
     for character in text:
-        if character in "0123456789\t":
+        if " " <= character <= "~" or character in "\t\r\n":
             continue
-        category = unicodedata.category(character)
-        if category[0] in "CM" or unicodedata.numeric(character, None) is not None:
+        if (character.isspace() or unicodedata.category(character)[0] in "CM"
+                or unicodedata.numeric(character, None) is not None):
             return True
     try:
         return unicodedata.normalize("NFKC", text) != text
@@ -190,10 +224,13 @@ def answer_problem(text: str) -> str | None:
     """Why a stated answer (or a boxed answer's content) cannot be read whole and plainly, or None.
 
     math-verify reads the first number of a text, or the value after its last "=": a text whose
-    first number is not the whole answer ("9 or 10", "9!", "1e100") would be read as that number.
+    first number is not the whole answer ("9 or 10", "9!", "1e100", "9:10", "9 thousand",
+    "not 9") would be read as that number.
 
     >>> [answer_problem(t) for t in ("18 apples", "1 234", "9 or 10", "9!", "\uff19", "9" * 31)]
     [None, None, 'ambiguous', 'malformed', 'malformed', 'too_long']
+    >>> [answer_problem(t) for t in ("3/4 of a cup", "2 \\\\cdot 3", "9:10", "at least 9", "1.5 million")]
+    [None, None, 'ambiguous', 'ambiguous', 'ambiguous']
     """
     if has_unplain_characters(text):
         return "malformed"
@@ -202,17 +239,29 @@ def answer_problem(text: str) -> str | None:
     if not _balanced(text) or text.strip(" .*_`")[-1:] in set(_DANGLING):
         return "malformed"
     value = text.rpartition("=")[2]
-    plain = _LATEX_COMMAND.sub(lambda _: "\\", value)  # "\\pi - 3" has no word next to an operator
+    # LaTeX commands: the operators become "*", the rest "\\" ("\\pi - 3" has no word by the "-").
+    plain = _LATEX_COMMAND.sub(lambda command: "*" if command.group(0) in _LATEX_OPERATORS else "\\", value)
     if plain.strip(" *_`")[:1] in set("*/^") or _OPERATOR_NEXT_TO_WORD.search(plain):
         return "malformed"
     numbers = list(_NUMBER_TOKEN.finditer(plain))
+    if not numbers:
+        return None  # words only ("twenty"): math-verify finds no value, a parse failure
     if len(numbers) > 1 and _ALTERNATIVES.search(plain):
         return "ambiguous"
+    lead_words = {word.lower() for word in _WORD.findall(plain[:numbers[0].start()])}
+    all_words = {word.lower() for word in _WORD.findall(plain)}
+    if (lead_words & _QUALIFIERS or all_words & _HEDGES or "?" in plain
+            or _QUALIFIED_AFTER.match(plain, numbers[0].end())):
+        return "ambiguous"  # "not 9", "at least 9", "9 or more", "9 thousand", "9 (roughly)", "9?"
     for left, right in zip(numbers, numbers[1:]):
         between = plain[left.end():right.start()]
         if not between:  # "1.2.3", "9.5.3"
             return "malformed"
-        if _LIST_SEPARATOR.fullmatch(between):  # "9, 10", "9 9", "9,0"
+        words = [word.lower() for word in _WORD.findall(between)]
+        if words:
+            if all(word in _CONNECTIVES for word in words):  # "9 and 10", "9 x 10", "9 out of 10"
+                return "ambiguous"
+        elif not _READ_TOGETHER.fullmatch(between):  # "9, 10", "9 9", "9:10", "9|10", "9 > 8"
             return "ambiguous"
     for number in numbers:
         before = plain[number.start() - 1] if number.start() else ""
@@ -227,6 +276,8 @@ def answer_problem(text: str) -> str | None:
                 word_end += 1
             if plain[word_end:word_end + 1].isdigit():
                 return "malformed"
+            if plain[number.end():word_end] in _SCALE_SUFFIXES:  # "9k", "2bn"
+                return "ambiguous"
     return None
 
 
@@ -237,14 +288,16 @@ def _clean_span(span: str) -> str:
     return re.sub(r"^-\s+(?=\d)", "-", span)
 
 
-def _span_after(tail: str, start: int) -> tuple[str, bool]:
-    """The sentence that begins at ``start``, at most ``SPAN_CHARS`` long, and whether that
-    limit cut it (no end within it, and more text after)."""
+def _span_after(tail: str, start: int) -> tuple[str, str | None]:
+    """The sentence that begins at ``start``, at most ``SPAN_CHARS`` long, and what keeps it from
+    being read whole: "cut" (no end within that limit, and more text after), "ambiguous" (the
+    next sentence or line opens with an alternative: "9.\nOr 10"), else None."""
     window = tail[start:start + SPAN_CHARS]
     end = _SPAN_END.search(window)
     if end:
-        return window[:end.start()], False
-    return window, start + SPAN_CHARS < len(tail)
+        hedged = HEDGE_AFTER.match(tail, start + end.start())
+        return window[:end.start()], "ambiguous" if hedged else None
+    return window, "cut" if start + SPAN_CHARS < len(tail) else None
 
 
 def _boxed_content(tail: str, open_brace_end: int) -> str | None:
@@ -266,25 +319,62 @@ def _last_marked_answer(tail: str) -> NumberAnswer | None:
     """The last non-empty answer stated after a marker in ``tail``, or None."""
     candidates: list[tuple[int, NumberAnswer]] = []
     for match in _ANSWER_MARKER.finditer(tail):
-        span, cut = _span_after(tail, match.end())
+        span, problem = _span_after(tail, match.end())
         stated = _clean_span(span)
         if stated:
             marker = "####" if match.group(0) == "####" else "answer is"
-            candidates.append((match.start(), NumberAnswer(stated, marker, "cut" if cut else None)))
-    for match in _BOXED.finditer(tail):
-        inside = _boxed_content(tail, match.end())
-        if inside is None:  # unclosed within reach: whatever it holds is cut
-            cut_text = _clean_span(tail[match.end():match.end() + SPAN_CHARS])
-            candidates.append((match.start(), NumberAnswer(cut_text, "boxed", "cut")))
-        elif inside.strip():
-            candidates.append((match.start(), NumberAnswer(_clean_span(inside), "boxed")))
+            problem = problem or ("malformed" if has_unplain_characters(span) else None)
+            candidates.append((match.start(), NumberAnswer(stated, marker, problem)))
+    boxes = list(_BOXED.finditer(tail))
+    for match in boxes:
+        boxed = _boxed_answer(tail, match.start(), match.end())
+        if boxed.text or boxed.problem:  # an empty box states nothing
+            candidates.append((match.start(), boxed))
     if not candidates:
         return None
     # The last statement wins: a model that corrects itself means its final words.
-    answer = max(candidates, key=lambda candidate: candidate[0])[1]
+    position, answer = max(candidates, key=lambda candidate: candidate[0])
+    if answer.marker == "boxed":
+        answer = _outer_boxed_answer(tail, position, boxes) or answer
     if answer.problem is None:
         answer = NumberAnswer(answer.text, answer.marker, answer_problem(answer.text))
     return answer
+
+
+def _boxed_answer(tail: str, start: int, open_brace_end: int) -> NumberAnswer:
+    """The answer in the box that starts at ``start``; cut when it does not close within reach."""
+    inside = _boxed_content(tail, open_brace_end)
+    if inside is None:  # unclosed within reach: whatever it holds is cut
+        return NumberAnswer(_clean_span(tail[open_brace_end:open_brace_end + SPAN_CHARS]), "boxed", "cut")
+    return NumberAnswer(_clean_span(inside), "boxed", "malformed" if has_unplain_characters(inside) else None)
+
+
+def _outer_boxed_answer(tail: str, start: int, boxes: list) -> NumberAnswer | None:
+    """The box that really holds the answer when the last box sits inside others: a box around it
+    with more in it ("\\boxed{\\boxed{9} + 1}") is the answer, not the inner "9"; boxes around it
+    with nothing else in them ("\\boxed{\\boxed{18}}") change nothing. None: the last box is it.
+
+    Walks outwards from the box at ``start`` through the boxes that open just before it (only
+    spaces between), as long as each closes right after it or not at all.
+    """
+    opens = {match.end(): match.start() for match in boxes}  # "{" end -> box start
+    inner_start = start
+    while True:
+        inner = _boxed_content(tail, tail.index("{", inner_start) + 1)
+        if inner is None:
+            return None
+        inner_end = tail.index("{", inner_start) + 1 + len(inner) + 1  # just past its "}"
+        before = tail[:inner_start].rstrip(" \t")
+        outer_start = opens.get(len(before))
+        if outer_start is None:
+            return None  # not directly inside another box
+        after = tail[inner_end:].lstrip(" \t")
+        if after and not after.startswith("}"):  # the outer box holds more: it is the answer,
+            outer = _boxed_answer(tail, outer_start, len(before))  # a box in a sum: malformed
+            return NumberAnswer(outer.text, "boxed", outer.problem or "malformed")
+        if not after:  # the outer box never closes, and holds nothing else
+            return None
+        inner_start = outer_start
 
 
 def _glued(text: str, start: int, end: int, before_text: str = "") -> bool:
@@ -296,19 +386,30 @@ def _glued(text: str, start: int, end: int, before_text: str = "") -> bool:
     after = text[end:end + 1]
     if before and (before.isalnum() or before in _TOUCHING_BEFORE or _invisible(before)):
         return True
+    if before in ("<", ">") and (before_text + text[:start])[-2:] != ">>":  # "9>9"; not "<<9*2=18>>18"
+        return True
     if after and (after.isalnum() or after in _TOUCHING_AFTER or _invisible(after)):
         if not (after.isalpha() and after.isascii() and not _unit_then_digit(text, end)):
             return True
     if after in (".", ",") and text[end + 1:end + 2].isdigit():
         return True
-    left = (before_text + text[:start]).rstrip(" \t(")[-1:]
+    left_text = (before_text + text[max(0, start - SPAN_CHARS):start]).rstrip(" \t(")
+    if _ENDS_WITH_COMMAND.search(left_text):  # "2 \\cdot 9", "\\sqrt 9"
+        return True
+    last_word = _LAST_WORD.search(left_text)
+    if last_word and last_word.group(0).lower() in _OPERAND_WORDS:
+        return True
+    left = left_text[-1:]
     right = text[end:].lstrip(" \t)")[:1]
     return (left != "" and left in _NEAR_BEFORE) or (right != "" and right in _NEAR_AFTER)
 
 
 def _invisible(character: str) -> bool:
-    """A control, format or private character or a combining mark, but not a space or a line break."""
-    return not character.isspace() and unicodedata.category(character)[0] in "CM"
+    """A control, format or private character, a combining mark, or a space other than " ", tab
+    and line breaks (some vanish in ``str.split``)."""
+    if character in " \t\r\n":
+        return False
+    return character.isspace() or unicodedata.category(character)[0] in "CM"
 
 
 def _unit_then_digit(text: str, position: int) -> bool:

@@ -242,6 +242,7 @@ def check_steps(text: str, answer: str) -> StepCheck:
 STEP_CHECKERS: Dict[str, Callable[[str, str], StepCheck]] = {
     "chain_sum": check_steps,
     "chain_sum_long": check_steps,
+    "chain_sum_big": check_steps,
 }
 
 

@@ -133,7 +133,8 @@ def test_step_check_is_frozen():
 
 def test_registry():
     assert step_checker("chain_sum") is check_steps
-    assert step_checker("chain_sum_long") is check_steps
+    assert step_checker("chain_sum_long") is check_steps and step_checker("chain_sum_big") is check_steps
+    assert step_checker("signed_sum") is None  # innermost group first: no running total
     assert step_checker("gsm8k") is None and step_checker("csqa") is None and step_checker("nonsense") is None
     for task in STEP_CHECKERS:  # only registered tasks whose teacher writes running totals
         offline = get_task(task).offline
