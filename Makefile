@@ -44,3 +44,9 @@ test: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# The GPU path, run for real on a lent GPU machine in one call (scripts/gpu_check.sh; README "GPU check").
+# `make gpu-check ARGS=--cpu` is its dry run at toy sizes on this machine.
+.PHONY: gpu-check
+gpu-check:
+	scripts/gpu_check.sh $(ARGS)

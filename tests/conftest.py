@@ -1,11 +1,27 @@
-"""Test-wide environment: CPU-only, offline, Triton under its interpreter.
+"""Test-wide environment: offline; without a CUDA device, Triton under its interpreter.
 
-TRITON_INTERPRET must be set before anything imports triton, so it is set here,
-at the top of the first file pytest loads.
+TRITON_INTERPRET must be set before anything imports triton, so it is decided here, at the
+top of the first file pytest loads. Importing torch to ask for a device does not import
+triton (torch loads it lazily). With a CUDA device the variable stays unset, so that the
+``gpu`` tests run the compiled kernels; set TRITON_INTERPRET=1 yourself to interpret there.
 """
 import os
+import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def _cuda_present() -> bool:
+    try:
+        import torch
+    except ImportError:  # the pure modules' tests (rewards, config) run without torch
+        return False
+    return torch.cuda.is_available()
+
+
+if not _cuda_present():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1; "
+                           "set it in the environment")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

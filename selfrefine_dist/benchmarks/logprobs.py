@@ -3,8 +3,10 @@
     python -m selfrefine_dist.benchmarks.logprobs               # tokens {2048, 8192} x vocab {49152, 151936}
     python -m selfrefine_dist.benchmarks.logprobs --tokens 4096 --vocab 151936 --hidden 896   # the target case
     python -m selfrefine_dist.benchmarks.logprobs --device cuda # on a GPU (the Triton path)
+    python -m selfrefine_dist.benchmarks.logprobs --device cuda --in-process --dtype bfloat16 float32 \
+        --hidden 896 4096 --tokens 4096 16384 --modes hidden --budget-s 150 --json out.json   # gpu_check's grid
 
-Prints two markdown tables.
+Prints markdown tables: one per mode, dtype and hidden size.
 
 * From hidden states [T, H] and the lm_head weight [V, H] (what a learner does):
   ``naive`` (hidden @ W.T, log_softmax in fp32, gather), ``trl_selective`` (the same logits
@@ -28,6 +30,14 @@ backward is ~0); ``fwd+bwd s`` includes the backward of sum(logprobs * random we
 small warm-up call (which also triggers Liger's torch.compile) precedes the timed one. On a shared machine use
 ``--rounds 2`` or more: cells are re-run in interleaved rounds and the fastest time kept.
 Missing peers are listed as skipped with the reason; nothing is estimated.
+
+``--in-process`` measures every cell in this process instead (on CUDA the peak counter is reset
+per cell, so cells do not see each other's allocations; on CPU earlier cells can hide part of a
+later one's RSS peak). ``--budget-s`` skips the cells left once that many seconds have passed
+(listed as skipped). ``--json PATH`` writes every cell (with ``value``: the scalar that was
+backpropagated, equal across methods of the same family up to rounding: naive, trl_*, ours
+and ours_nll give sum(logprobs * weights); liger_dpo and ours_dpo the same DPO loss) and the
+tables. Times and memory are also given as ratios to naive and to Liger's fused DPO loss.
 """
 from __future__ import annotations
 
@@ -226,7 +236,7 @@ def _measure(spec: dict) -> dict:
             tensor.grad = None
         del scalar
         probe = CudaPeakMemory() if device.type == "cuda" else CpuPeakMemory()
-        fwd_times, total_times, peaks = [], [], []
+        fwd_times, total_times, peaks, values = [], [], [], []
         for _ in range(spec["repeats"]):
             probe.start()
             sync()
@@ -240,6 +250,7 @@ def _measure(spec: dict) -> dict:
             peaks.append(probe.extra_peak())
             fwd_times.append(forward_done - start)
             total_times.append(end - start)
+            values.append(float(scalar.detach()))
             del scalar
             for tensor in inputs:
                 tensor.grad = None
@@ -249,7 +260,19 @@ def _measure(spec: dict) -> dict:
         "fwd_s": sorted(fwd_times)[len(fwd_times) // 2],
         "fwdbwd_s": sorted(total_times)[len(total_times) // 2],
         "extra_peak_bytes": max(peaks),
+        "value": values[-1],
     }
+
+
+def _measure_in_process(spec: dict) -> dict:
+    """``_measure`` here, then the cell's memory handed back so that the next cell starts clean."""
+    result = _measure(spec)
+    gc.collect()
+    if spec["device"] == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    return result
 
 
 def _run_in_subprocess(spec: dict, timeout_s: float) -> dict:
@@ -284,34 +307,42 @@ def _device_description(device: str) -> str:
 
 
 def _table(rows: list[dict], title: str) -> str:
-    lines = [
-        f"\n### {title}\n",
-        "| method | tokens | vocab | fwd s | fwd+bwd s | extra peak GiB | memory vs naive | time vs naive |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    naive = {(r["tokens"], r["vocab"]): r for r in rows if r["method"] == "naive" and "fwdbwd_s" in r}
+    """One markdown table; ratio columns to naive, and to liger_dpo when that method was asked for."""
+    peers = ["naive"] + (["liger_dpo"] if any(r["method"] == "liger_dpo" for r in rows) else [])
+    names = {"naive": "naive", "liger_dpo": "Liger"}
+    header = "| method | tokens | vocab | fwd s | fwd+bwd s | extra peak GiB |"
+    header += "".join(f" memory vs {names[p]} | time vs {names[p]} |" for p in peers)
+    lines = [f"\n### {title}\n", header, "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(peers)]
+    bases = {p: {(r["tokens"], r["vocab"]): r for r in rows if r["method"] == p and "fwdbwd_s" in r} for p in peers}
     for r in rows:
         shape = f"| {r['method']} | {r['tokens']} | {r['vocab']} |"
         if "skipped" in r:
-            lines.append(f"{shape} skipped: {r['skipped']} | | | | |")
+            lines.append(f"{shape} skipped: {r['skipped']} |" + " |" * (2 + 2 * len(peers)))
             continue
-        base = naive.get((r["tokens"], r["vocab"]))
-        memory_ratio = f"{r['extra_peak_bytes'] / base['extra_peak_bytes']:.3f}" if base else "n/a"
-        time_ratio = f"{r['fwdbwd_s'] / base['fwdbwd_s']:.2f}" if base else "n/a"
-        lines.append(
-            f"{shape} {r['fwd_s']:.2f} | {r['fwdbwd_s']:.2f} | {r['extra_peak_bytes'] / GIB:.2f} |"
-            f" {memory_ratio} | {time_ratio} |"
-        )
+        line = f"{shape} {_seconds(r['fwd_s'])} | {_seconds(r['fwdbwd_s'])} | {r['extra_peak_bytes'] / GIB:.2f} |"
+        for p in peers:
+            base = bases[p].get((r["tokens"], r["vocab"]))
+            memory_ratio = f"{r['extra_peak_bytes'] / base['extra_peak_bytes']:.3f}" if base and base["extra_peak_bytes"] > 0 else "n/a"
+            time_ratio = f"{r['fwdbwd_s'] / base['fwdbwd_s']:.2f}" if base else "n/a"
+            line += f" {memory_ratio} | {time_ratio} |"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _seconds(value: float) -> str:
+    """Two decimals, or three significant digits below 0.1 s (GPU cells take milliseconds)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
-    parser.add_argument("--hidden", type=int, default=576, help="576 (SmolLM2-135M) or 896 (Qwen2.5-0.5B)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[576],
+                        help="576 (SmolLM2-135M), 896 (Qwen2.5-0.5B), 4096 (8B models); several: one table each")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--dtype", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                        help="several: one table each")
     parser.add_argument("--modes", nargs="+", choices=["hidden", "logits"], default=["hidden", "logits"])
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods to run")
     parser.add_argument("--ignore-fraction", type=float, default=0.0,
@@ -319,6 +350,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per cell (default: 1 on CPU, 5 on CUDA)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh-process runs per cell, interleaved")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement before it is skipped")
+    parser.add_argument("--in-process", action="store_true",
+                        help="measure every cell in this process (fast start; exact on CUDA, see above)")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the cells left after this many seconds")
+    parser.add_argument("--json", help="also write every cell and the tables to this file")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -326,31 +361,49 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(_measure(json.loads(args._measure))), flush=True)
         return
 
+    deadline = time.monotonic() + args.budget_s if args.budget_s is not None else None
     repeats = args.repeats or (5 if args.device == "cuda" else 1)
-    print(f"# log-prob benchmark on {_device_description(args.device)}")
-    print(f"command: python -m selfrefine_dist.benchmarks.logprobs {' '.join(argv or sys.argv[1:])}")
+    device = _device_description(args.device)
+    command = f"python -m selfrefine_dist.benchmarks.logprobs {' '.join(sys.argv[1:] if argv is None else argv)}"
+    print(f"# log-prob benchmark on {device}")
+    print(f"command: {command}")
     valid = "all targets valid" if args.ignore_fraction == 0 else f"{args.ignore_fraction:.0%} of targets ignored"
-    print(f"hidden {args.hidden}, {args.dtype}, {valid}; {args.rounds} round(s) of fresh processes x {repeats} "
-          "timed run(s): fastest time, largest peak")
+    where = "in this process" if args.in_process else "of fresh processes"
+    print(f"{valid}; {args.rounds} round(s) {where} x {repeats} timed run(s): fastest time, largest peak")
+    rows, tables = [], []
     for mode in args.modes:
         methods = HIDDEN_METHODS if mode == "hidden" else LOGITS_METHODS
         methods = [m for m in methods if args.methods is None or m in args.methods]
-        cells = {(tokens, vocab, method): {"method": method, "tokens": tokens, "vocab": vocab}
-                 for tokens in args.tokens for vocab in args.vocab for method in methods}
-        # Rounds outermost, so that a burst of load from other work on a shared machine
-        # hits one run of a cell, not all of them; the fastest run is the least disturbed.
-        for round_index in range(args.rounds):
-            for (tokens, vocab, method), cell in cells.items():
-                spec = dict(mode=mode, method=method, tokens=tokens, vocab=vocab, hidden=args.hidden,
-                            device=args.device, dtype=args.dtype, repeats=repeats,
-                            ignore_fraction=args.ignore_fraction)
-                result = _run_in_subprocess(spec, args.timeout)
-                print(f"  round {round_index} {mode} {method} T={tokens} V={vocab}: {result}",
-                      file=sys.stderr, flush=True)
-                _merge(cell, result)
-        title = (f"From hidden states [T, {args.hidden}] and lm_head [V, {args.hidden}]" if mode == "hidden"
-                 else "From given logits [T, V] fp32" if args.dtype == "float32" else "From given logits [T, V]")
-        print(_table(list(cells.values()), title), flush=True)
+        for dtype in args.dtype:
+            for hidden in (args.hidden if mode == "hidden" else args.hidden[:1]):  # logits: no hidden size
+                cells = {(tokens, vocab, method): {"mode": mode, "dtype": dtype, "hidden": hidden, "method": method,
+                                                   "tokens": tokens, "vocab": vocab}
+                         for tokens in args.tokens for vocab in args.vocab for method in methods}
+                # Rounds outermost, so that a burst of load from other work on a shared machine
+                # hits one run of a cell, not all of them; the fastest run is the least disturbed.
+                for round_index in range(args.rounds):
+                    for (tokens, vocab, method), cell in cells.items():
+                        spec = dict(mode=mode, method=method, tokens=tokens, vocab=vocab, hidden=hidden,
+                                    device=args.device, dtype=dtype, repeats=repeats,
+                                    ignore_fraction=args.ignore_fraction)
+                        if deadline is not None and time.monotonic() > deadline:
+                            result = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+                        elif args.in_process:
+                            result = _measure_in_process(spec)
+                        else:
+                            result = _run_in_subprocess(spec, args.timeout)
+                        print(f"  round {round_index} {mode} {dtype} H={hidden} {method} T={tokens} V={vocab}: "
+                              f"{result}", file=sys.stderr, flush=True)
+                        _merge(cell, result)
+                title = (f"From hidden states [T, {hidden}] and lm_head [V, {hidden}], {dtype}" if mode == "hidden"
+                         else f"From given logits [T, V], {dtype}")
+                tables.append(_table(list(cells.values()), title))
+                print(tables[-1], flush=True)
+                rows.extend(cells.values())
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"device": device, "command": command, "repeats": repeats, "rows": rows,
+                       "markdown": "\n".join(tables)}, out, indent=1)
 
 
 def _merge(cell: dict, result: dict) -> None:
@@ -363,6 +416,7 @@ def _merge(cell: dict, result: dict) -> None:
     for key in ("fwd_s", "fwdbwd_s"):
         cell[key] = min(cell.get(key, float("inf")), result[key])
     cell["extra_peak_bytes"] = max(cell.get("extra_peak_bytes", 0), result["extra_peak_bytes"])
+    cell["value"] = result["value"]
 
 
 if __name__ == "__main__":
