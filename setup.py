@@ -15,7 +15,9 @@ core = [
     "transformers>=4.46",
     "datasets>=3.0",
     "deepspeed>=0.16",
-    "ray[train]>=2.40",
+    # default: the dashboard and job server that `ray start --head` and `ray job submit` need
+    # (launchers/); train alone cannot start a head with its dashboard.
+    "ray[default,train]>=2.40",
     "omegaconf>=2.3",
     "wandb>=0.18",
     "math-verify>=0.9,<0.10",  # the reward tables encode 0.9's behaviour

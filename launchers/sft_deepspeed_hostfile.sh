@@ -1,16 +1,10 @@
 #!/usr/bin/env bash
-# Multi-node SFT with the deepspeed launcher: one process per GPU on every host of the hostfile.
+# Multi-node SFT with the deepspeed launcher: one process per slot on every host of the hostfile.
 #
 #   launchers/sft_deepspeed_hostfile.sh launchers/hostfile.example configs/x.yaml [key=value ...]
 #
-# Run it on the first host; the launcher reaches the others over passwordless ssh and starts
-# `python -m selfrefine_dist.cli sft` there with RANK/WORLD_SIZE set, so each process trains
-# directly (distributed.nproc_per_node is ignored under a launcher). Every host needs the same
-# checkout and environment, and the run directory (run.dir) on a shared filesystem so that
-# checkpoints written by every rank are found again on resume.
+# On the first host (the others over passwordless ssh), or with NODE_RANK=i MASTER_ADDR=host0 on
+# every host (no ssh); a one-line hostfile runs locally. See deepspeed_hostfile.sh.
+# The run directory (run.dir) must be on a shared filesystem.
 set -euo pipefail
-hostfile=${1:?usage: $0 HOSTFILE CONFIG [key=value ...]}
-config=${2:?usage: $0 HOSTFILE CONFIG [key=value ...]}
-shift 2
-exec deepspeed --hostfile "$hostfile" --master_port "${MASTER_PORT:-29500}" \
-  --module selfrefine_dist.cli sft --config "$config" "$@"
+exec "$(dirname "$0")/deepspeed_hostfile.sh" sft "$@"
