@@ -72,10 +72,16 @@ def main(argv=None) -> int:
 
 def _sweep(args) -> int:
     from selfrefine_dist.data.sources import DataError
+    from selfrefine_dist.run_lock import RunDirLocked, hold_run_dir
     from selfrefine_dist.sweep import run_sweep
 
+    root = Path(args.dir or Path("runs") / f"sweep_{Path(args.config).stem}")
     try:
-        run_sweep(args.config, args.grid, args.seeds, args.overrides, args.dir)
+        with hold_run_dir(root, "sweep"):  # one driver per sweep; its variants run in this process
+            run_sweep(args.config, args.grid, args.seeds, args.overrides, str(root))
+    except RunDirLocked as e:
+        print(f"run directory locked: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -86,10 +92,25 @@ def _sweep(args) -> int:
 
 
 def _run_command(args, cfg) -> int:
-    from selfrefine_dist.launch import run_learners, under_launcher
-    from selfrefine_dist.run_dir import resolve_run_dir, write_resolved_config
+    from selfrefine_dist.launch import under_launcher
+    from selfrefine_dist.run_dir import resolve_run_dir
+    from selfrefine_dist.run_lock import RunDirLocked, hold_run_dir
 
     run_dir = resolve_run_dir(cfg, args.config)
+    if args.command in ("sft", "dpo") and under_launcher() and os.environ.get("RANK", "0") != "0":
+        return _run_locked(args, cfg, run_dir)  # a launcher's other ranks: rank 0 holds the lock
+    try:  # one driver per run directory (run_lock.py); learners started by the driver inherit its lock
+        with hold_run_dir(run_dir, args.command):
+            return _run_locked(args, cfg, run_dir)
+    except RunDirLocked as e:
+        print(f"run directory locked: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_locked(args, cfg, run_dir: Path) -> int:
+    from selfrefine_dist.launch import run_learners, under_launcher
+    from selfrefine_dist.run_dir import write_resolved_config
+
     cfg.run.dir = str(run_dir)  # the resolved config names its run directory, for learners and reruns
     if args.command in ("sft", "dpo"):  # learner processes: start them, or be one of them
         if not under_launcher() and (cfg.distributed.nproc_per_node > 1 or cfg.distributed.launcher == "deepspeed"):

@@ -10,11 +10,11 @@ sampling, evaluation and the DPO rounds run on Ray actors (a local Ray, or the c
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import List, Optional
 
+from selfrefine_dist.cluster import start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.eval.evaluate import EvalResult, comparison_table, evaluate_with_pool, read_result, write_result
@@ -28,19 +28,6 @@ from selfrefine_dist.tracking import MetricsLogger, config_dict
 
 def train_tasks(cfg: Config) -> List[str]:
     return sorted({ds.task for ds in cfg.data.train})
-
-
-def start_ray(cfg: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
 
 
 class Samplers:
@@ -242,6 +229,14 @@ def run_pipeline(cfg: Config, run_dir: Path, config_file: Path, logger: Optional
     return results
 
 
+def folder_identity(model: str) -> dict:
+    """A model folder as the files it holds now (name, size, modification time): new weights, new identity."""
+    folder = Path(model)
+    files = sorted(folder.glob("*")) if folder.is_dir() else []
+    return {"model": str(folder.resolve()) if folder.exists() else model,
+            "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]}
+
+
 def run_eval_command(cfg: Config, run_dir: Path, model: str, label: str) -> EvalResult:
     """``selfrefine eval --model X``: one model on ``data.eval``, on a sampler pool of its own."""
     samplers = Samplers(cfg, model)
@@ -251,7 +246,7 @@ def run_eval_command(cfg: Config, run_dir: Path, model: str, label: str) -> Eval
     evaluate = Evaluator(cfg, run_dir, samplers, load_tokenizer(model, cfg.model.trust_remote_code), logger, ledger,
                          load_slices(cfg.data.eval))
     try:
-        evaluate(label, fingerprint({"folder": str(Path(model).resolve()), "label": label}), 0, model)
+        evaluate(label, fingerprint(folder_identity(model)), 0, model)
     finally:
         samplers.shutdown()
         logger.finish()

@@ -130,10 +130,11 @@ class StageLedger:
         self._write()
 
     def _write(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(LEDGER + ".tmp")
-        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        """Whole or not at all; a full or read-only disk raises ArtifactWriteError naming the ledger, the
+        ledger on disk as it was (its stages then run again or resume on the next run)."""
+        from selfrefine_dist.refine.artifacts import write_json
+
+        write_json(self.path, self.entries, indent=1, sort_keys=True)
 
     # ---- stale artifacts and links --------------------------------------------------------
     @staticmethod

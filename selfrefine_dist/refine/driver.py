@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 import ray
 
+from selfrefine_dist.cluster import start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import render_prompt
@@ -28,7 +29,7 @@ from selfrefine_dist.data.tasks import get_task
 from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype
 from selfrefine_dist.refine import artifacts
 from selfrefine_dist.refine.learner import LearnerSpec, learner_threads
-from selfrefine_dist.refine.learner_group import LearnerGroup
+from selfrefine_dist.refine.learner_group import LearnerDied, LearnerGroup
 from selfrefine_dist.refine.pairs import build_pairs
 from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
 from selfrefine_dist.refine.records import PreferencePair, ScoredPath, examples_digest
@@ -96,7 +97,12 @@ class SelfRefineLoop:
             print(f"round {r}: done earlier ({out / 'summary.json'})", flush=True)
             return artifacts.read_json(out / "summary.json")
 
-        history = self.train(r, pairs, pair_metrics, dpo, seconds)
+        try:
+            history = self.train(r, pairs, pair_metrics, dpo, seconds)
+        except LearnerDied as e:  # LearnerGroup.wait has stopped the group; the ledger says DPO "started"
+            self.learners = self.learners_at = None
+            raise SystemExit(f"error: {e}. Run the same command again: it reuses the finished stages and redoes "
+                             f"round {r}'s DPO from {self.model_folder(r - 1)}") from None
 
         eval_metrics = {}
         if self.evaluate is not None and self.evaluated(r):
@@ -163,7 +169,7 @@ class SelfRefineLoop:
         train_refs = learners.train_round_async(shard_refs, r)
         if cfg.refine.mode == "async" and r < cfg.refine.rounds:
             self.samples(r + 1, self.samples_stage(r + 1))  # sampled with version r-1 while the learners train round r
-        history = ray.get(train_refs)[0]
+        history = learners.wait(train_refs, "training")[0]
         expected = [examples_digest([ex for step in s for micro in step for ex in micro]) for s in plan.shards]
         if learners.digests() != expected:
             raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
@@ -192,6 +198,7 @@ class SelfRefineLoop:
         if self.learners is not None and self.learners_at == self.model_fps[version]:
             return self.learners
         self.shutdown()
+        start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs, not auto-init's
         r = self.cfg.refine
         spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
         self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,

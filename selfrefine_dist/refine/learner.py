@@ -1,18 +1,26 @@
 """A DPO learner rank: one DeepSpeed ZeRO-3 process, run as a Ray actor by ``LearnerGroup``.
 
 Per round (the driver calls these in order, on every rank at once):
-    train_round(shard)       a fresh optimizer state, reference log-probs of the whole shard once,
-                             then DPO steps
+    train_round(shard)       a fresh optimizer state, reference log-probs of the whole shard once
+                             (a frozen reference is loaded for that pass and freed after it, so it
+                             holds no memory while the policy trains), then DPO steps
     publish_weights(...)     gather the ZeRO-3 weights on rank 0: export a Hugging Face folder
                              and put them into the object store in buckets for the samplers
 
 The step loss is the mean per-pair DPO loss over the global batch: every micro-batch has the
-same number of pairs (``plan_round``), so DeepSpeed's averaging over accumulation steps and
-ranks gives exactly that mean.
+same number of pairs (``plan_round``), so averaging over accumulation steps and ranks gives
+exactly that mean.
+
+A micro-batch runs through the model ``pairs_per_forward`` pairs at a time (one pair on CPU by
+default), each part a DeepSpeed micro-step of its own: no padding to the micro-batch's longest
+pair and the activations of one part at a time, with the micro-batch's loss and gradient
+unchanged (``_train_micro_batch``).
 """
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +58,10 @@ class LearnerSpec:
     shared_prompt: bool  # one packed row per pair: prompt + chosen + rejected (where the model allows)
     seed: int
     threads: int  # torch threads on CPU
+    # Pairs per forward/backward inside a micro-batch (a divisor of micro_batch_size). None: one on
+    # CPU (matmuls need no batch there; no padding, activations of one pair), the whole micro-batch
+    # on GPU.
+    pairs_per_forward: Optional[int] = None
 
 
 class DPOLearner:
@@ -61,8 +73,9 @@ class DPOLearner:
         self.rank, self.world_size = rank, world_size
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         self.engine = None
-        self.reference = None
         self.received_digest = ""
+        self.fp32_grad_norm = float("nan")  # ZeRO stage 0 in fp32: DeepSpeed keeps no gradient norm
+        self.round_idx = 0  # the round trained last
 
     # ---- set-up -------------------------------------------------------------------------
     def address(self) -> Tuple[str, int]:
@@ -84,10 +97,9 @@ class DPOLearner:
         dist.init_distributed(spec.backend)
         torch.manual_seed(spec.seed)
         self.spec = spec
+        self.pairs_per_forward = resolve_pairs_per_forward(spec.pairs_per_forward, spec.micro_batch_size)
         self.tokenizer = load_tokenizer(spec.policy_path, spec.trust_remote_code)
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
-        if spec.reference_path is not None:
-            self.reference = self._engine(spec.reference_path, with_optimizer=False)
 
     def _engine(self, path: str, with_optimizer: bool):
         import deepspeed
@@ -97,8 +109,10 @@ class DPOLearner:
         from selfrefine_dist.train.ds_config import deepspeed_config
 
         s = self.spec
-        ds_cfg = deepspeed_config(s.micro_batch_size, s.grad_accum, self.world_size, s.zero_stage, s.dtype,
-                                  s.max_grad_norm, s.offload_optimizer and with_optimizer)
+        # DeepSpeed's micro-step is one forward part of a micro-batch (``_train_micro_batch``)
+        parts = s.micro_batch_size // self.pairs_per_forward
+        ds_cfg = deepspeed_config(self.pairs_per_forward, s.grad_accum * parts, self.world_size, s.zero_stage,
+                                  s.dtype, s.max_grad_norm, s.offload_optimizer and with_optimizer)
         hf_ds_config = HfDeepSpeedConfig(ds_cfg) if s.zero_stage == 3 else None  # load ZeRO-3 partitions directly
         model = load_causal_lm(path, "fp32", s.trust_remote_code)
         del hf_ds_config
@@ -131,17 +145,28 @@ class DPOLearner:
         from selfrefine_dist.refine.records import examples_digest
 
         self.received_digest = examples_digest([ex for step in shard for micro in step for ex in micro])
+        self.round_idx = round_idx
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        reference = self._load_reference()
         # Packed rows (prompt once per pair) need the fused head and an attention that takes a 4D mask.
-        packed = self.spec.shared_prompt and accepts_4d_masks(self.engine) and (
-            self.reference is None or accepts_4d_masks(self.reference))
+        packed = self.spec.shared_prompt and accepts_4d_masks(self.engine) and accepts_4d_masks(reference)
         collate = collate_packed_pairs if packed else collate_pairs
-        batches = [[collate(micro, pad) for micro in step] for step in shard]
+        # [step][accumulation][part]: each micro-batch in parts of pairs_per_forward pairs
+        batches = [[[collate(micro[i:i + self.pairs_per_forward], pad)
+                     for i in range(0, len(micro), self.pairs_per_forward)] for micro in step] for step in shard]
 
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
-        t0 = time.perf_counter()
-        ref_logps = self._reference_logps(batches)  # once per round, never per step
+        ref_logps = self._reference_logps(reference, batches)  # once per round, never per step
+        # A loaded reference would only hold memory while the policy trains: free it (gc: the engine and
+        # its module hold reference cycles). Next round loads the same frozen folder: the same log-probs.
+        if reference is not self.engine:
+            reference.destroy()
+        del reference
+        gc.collect()
         reference_s = time.perf_counter() - t0
+        reference_peak_gib = self._max_over_ranks(peak_rss_bytes()) / GIB
 
         from selfrefine_dist.train.schedule import WarmupThenDecay
 
@@ -149,25 +174,28 @@ class DPOLearner:
         self.engine.train()
         history = []
         for step, (micro_batches, micro_refs) in enumerate(zip(batches, ref_logps)):
+            fault_point(f"kill_learner_at_step:{round_idx}:{step + 1}:{self.rank}")
             lr = self.spec.lr * schedule(step)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
-            t_step = time.perf_counter()
+            reset_peak_rss()
+            t_step, cpu_step = time.perf_counter(), time.process_time()
             sums: Dict[str, float] = {}
             tokens = 0
-            for batch, (ref_chosen, ref_rejected) in zip(micro_batches, micro_refs):
-                loss, out = self._dpo_forward(batch, ref_chosen, ref_rejected)
-                self.engine.backward(loss)
-                self.engine.step()
+            for parts, (ref_chosen, ref_rejected) in zip(micro_batches, micro_refs):
+                out = self._train_micro_batch(parts, ref_chosen, ref_rejected)
                 for k, v in out.metrics().items():
                     sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
-                sums["loss"] = sums.get("loss", 0.0) + loss.item() / len(micro_batches)
-                tokens += batch.num_tokens
+                sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / len(micro_batches)
+                tokens += sum(part.num_tokens for part in parts)
             metrics = self._mean_over_ranks(sums)
-            step_s = time.perf_counter() - t_step
+            step_s, step_cpu_s = time.perf_counter() - t_step, time.process_time() - cpu_step
             all_tokens = self._sum_over_ranks(tokens)
-            metrics.update(round=round_idx, lr=lr, grad_norm=_grad_norm(self.engine), step_s=step_s,
-                           tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=float(packed))
+            metrics.update(round=round_idx, lr=lr, grad_norm=self._grad_norm(), step_s=step_s,
+                           tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=float(packed),
+                           step_cpu_s=self._sum_over_ranks(step_cpu_s),  # CPU seconds, all ranks' processes
+                           peak_rss_gib=self._max_over_ranks(peak_rss_bytes()) / GIB,
+                           reference_peak_rss_gib=reference_peak_gib)
             history.append(metrics)
             if self.rank == 0:  # progress, forwarded to the driver's console by Ray
                 print(f"dpo round {round_idx} step {step + 1}/{len(batches)}: loss {metrics['loss']:.4f} "
@@ -175,47 +203,98 @@ class DPOLearner:
                       f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
         return history
 
-    def _dpo_forward(self, batch, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
-        """(loss with gradient, DPOLossOutput for the metrics) of one micro-batch.
+    def _train_micro_batch(self, parts: list, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
+        """Forward and backward of one micro-batch, given in parts (batches of ``pairs_per_forward``
+        pairs); returns the micro-batch's DPOLossOutput (detached), for the metrics.
+
+        The loss is the micro-batch's ``dpo_loss``. Part k's backward takes its gradient with
+        respect to part k's log-probs alone, the other pairs held at their reference log-probs
+        (``_loss_of_part``): that is the micro-batch loss's own gradient whenever the loss is a
+        sum of per-pair terms plus terms linear in the log-probs (every DPO loss type, RPO's
+        NLL), which ``_check_parts_separable`` verifies. So the parts' gradients add up to the
+        micro-batch's, while only one part's activations exist at a time.
+        """
+        from selfrefine_dist.losses import dpo_loss
+
+        s, device = self.spec, self._device()
+        sizes = [part.num_pairs for part in parts]
+        lengths = [response_lengths(part).to(device) for part in parts]  # [2n] each: chosen, then rejected
+        chosen_lengths = torch.cat([n_tokens[:n] for n_tokens, n in zip(lengths, sizes)])
+        rejected_lengths = torch.cat([n_tokens[n:] for n_tokens, n in zip(lengths, sizes)])
+        ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+
+        def micro_loss(chosen, rejected):
+            return dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), s.beta, s.loss_type,
+                            s.label_smoothing, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                            average_log_prob=s.average_log_prob, rpo_alpha=s.rpo_alpha)
+
+        chosen, rejected, start = [], [], 0
+        for part, n in zip(parts, sizes):
+            part_loss = _loss_of_part(micro_loss, ref_chosen, ref_rejected, start, n)
+            loss, policy_logps = self._part_forward(part, part_loss)
+            # every part is a DeepSpeed micro-step; the step's gradient is the mean over its micro-batches
+            self.engine.backward(loss / s.grad_accum, scale_wrt_gas=False)
+            self._engine_step()
+            chosen.append(policy_logps[:n])
+            rejected.append(policy_logps[n:])
+            start += n
+        if len(parts) > 1:
+            _check_parts_separable(micro_loss, ref_chosen, ref_rejected, chosen, rejected)
+        return micro_loss(torch.cat(chosen), torch.cat(rejected))
+
+    def _part_forward(self, batch, part_loss):
+        """(loss with gradient, policy log-probs [2B] detached) of one part of a micro-batch.
 
         Fused (``dpo.fused_loss``, for heads where it is exact): the loss and its gradients come
         from the hidden states in one pass over the vocabulary (three head matmuls per token,
         not four; ``kernels/fused_linear_preference.py``). Otherwise: per-token log-probs, then
-        ``dpo_loss`` under autograd. Both use the same ``dpo_loss``.
+        the loss under autograd. Both use the same ``part_loss``.
         """
         from selfrefine_dist.kernels import fused_linear_preference_loss
-        from selfrefine_dist.losses import dpo_loss
 
-        s, b = self.spec, batch.num_pairs
-        head = head_inputs(self.engine, batch, self._device()) if s.fused_loss else None
+        b = batch.num_pairs
+        head = head_inputs(self.engine, batch, self._device()) if self.spec.fused_loss else None
         if head is None:
-            policy_logps, lengths = self._sequence_logps(self.engine, batch)
-        else:
-            lengths = (head[2] != -100).sum(-1)
+            policy_logps, _ = self._sequence_logps(self.engine, batch)
+            return part_loss(policy_logps[:b], policy_logps[b:]), policy_logps.detach()
+        loss, policy_logps = fused_linear_preference_loss(*head, part_loss)
+        return loss, policy_logps.detach()
 
-        def loss_of(chosen, rejected):
-            return dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), s.beta, s.loss_type,
-                            s.label_smoothing, chosen_lengths=lengths[:b], rejected_lengths=lengths[b:],
-                            average_log_prob=s.average_log_prob, rpo_alpha=s.rpo_alpha)
+    def _engine_step(self) -> None:
+        """``engine.step()``, keeping the gradient norm where DeepSpeed keeps none (ZeRO stage 0, fp32:
+        the torch optimizer runs unwrapped; its gradients are already reduced over ranks here)."""
+        engine = self.engine
+        if engine.optimizer is engine.basic_optimizer and engine.is_gradient_accumulation_boundary():
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            self.fp32_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
+        engine.step()
 
-        if head is None:
-            out = loss_of(policy_logps[:b], policy_logps[b:])
-            return out.loss, out
-        loss, policy_logps = fused_linear_preference_loss(*head, lambda c, r: loss_of(c, r).loss)
-        return loss, loss_of(policy_logps[:b], policy_logps[b:])
+    def _grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else self.fp32_grad_norm
+
+    def _load_reference(self):
+        """The model the round's reference log-probs come from: the frozen reference (``reference_path``),
+        loaded for this pass only; or the policy itself (the policy at the start of the round)."""
+        if self.spec.reference_path is None:
+            return self.engine
+        return self._engine(self.spec.reference_path, with_optimizer=False)
 
     @torch.no_grad()
-    def _reference_logps(self, batches) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """[step][micro] -> (chosen, rejected) summed log-probs [B] under the reference."""
-        model = self.reference if self.reference is not None else self.engine
+    def _reference_logps(self, model, batches) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """[step][micro] -> (chosen, rejected) summed log-probs [B] under ``model``, from the micro-batches' parts."""
         was_training = model.training
         model.eval()
         out = []
         for micro_batches in batches:
             row = []
-            for batch in micro_batches:
-                logps, _ = self._sequence_logps(model, batch)
-                row.append((logps[: batch.num_pairs].clone(), logps[batch.num_pairs:].clone()))
+            for parts in micro_batches:
+                chosen, rejected = [], []
+                for batch in parts:
+                    logps, _ = self._sequence_logps(model, batch)
+                    chosen.append(logps[: batch.num_pairs].clone())
+                    rejected.append(logps[batch.num_pairs:].clone())
+                row.append((torch.cat(chosen), torch.cat(rejected)))
             out.append(row)
         model.train(was_training)
         return out
@@ -241,6 +320,12 @@ class DPOLearner:
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(t)
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
+
+    def _max_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
 
     def _sum_over_ranks(self, value: float) -> float:
         from selfrefine_dist.train import distributed as dist
@@ -269,6 +354,7 @@ class DPOLearner:
         from selfrefine_dist.train.export import export_state, gather_state_dict
 
         state = gather_state_dict(self.engine.module)
+        fault_point(f"kill_learner_in_export:{self.round_idx}:{self.rank}")
         if export_dir is not None:
             export_state(self.engine.module, state, self.tokenizer, Path(export_dir))
         if self.rank != 0 or bucket_bytes <= 0:
@@ -308,6 +394,14 @@ class DPOLearner:
         return self.received_digest
 
 
+def fault_point(point: str) -> None:
+    """Test-only fault injection (tests/refine/test_learner_faults.py): when ``SELFREFINE_FAULT`` equals
+    ``point`` (``kill_learner_at_step:ROUND:STEP:RANK``, ``kill_learner_in_export:ROUND:RANK``) this process
+    SIGKILLs itself there. Unset, as it is everywhere but in those tests, it does nothing."""
+    if os.environ.get("SELFREFINE_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def head_inputs(model, batch, device: torch.device):
     """(hidden [2B, T, H], lm_head weight [V, H], targets [2B, T]) of a preference batch, or None
     without a fused head. Row s of ``hidden`` holds the states that predict sequence s's response
@@ -341,9 +435,80 @@ def reset_optimizer_state(engine) -> None:
     optimizer.state.clear()
 
 
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+def resolve_pairs_per_forward(pairs_per_forward: Optional[int], micro_batch_size: int) -> int:
+    """``LearnerSpec.pairs_per_forward`` made concrete: None is 1 on CPU, the micro-batch on GPU."""
+    if pairs_per_forward is None:
+        pairs_per_forward = micro_batch_size if torch.cuda.is_available() else 1
+    if pairs_per_forward < 1 or micro_batch_size % pairs_per_forward:
+        raise ValueError(f"pairs_per_forward ({pairs_per_forward}) must divide the micro-batch size ({micro_batch_size})")
+    return pairs_per_forward
+
+
+def response_lengths(batch) -> torch.Tensor:
+    """[2B] response token counts of a preference batch (chosen rows first), packed or not."""
+    from selfrefine_dist.refine.records import PackedPreferenceBatch
+
+    if isinstance(batch, PackedPreferenceBatch):
+        return (batch.targets != -100).sum(-1)
+    return (batch.labels[:, 1:] != -100).sum(-1)
+
+
+def _loss_of_part(micro_loss, fill_chosen: torch.Tensor, fill_rejected: torch.Tensor, start: int, n: int):
+    """The micro-batch loss as a function of pairs [start, start + n) alone: the other pairs' log-probs
+    are held at ``fill_*`` [B] (constants). Returns (chosen [n], rejected [n]) -> [] loss."""
+    def part_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        c = torch.cat([fill_chosen[:start].to(chosen), chosen, fill_chosen[start + n:].to(chosen)])
+        r = torch.cat([fill_rejected[:start].to(rejected), rejected, fill_rejected[start + n:].to(rejected)])
+        return micro_loss(c, r).loss
+
+    return part_loss
+
+
+def _check_parts_separable(micro_loss, fill_chosen, fill_rejected, chosen: List[torch.Tensor],
+                           rejected: List[torch.Tensor]) -> None:
+    """Raise unless each part's gradient (others held at ``fill_*``) equals the micro-batch loss's
+    gradient at the log-probs all parts reached: true for losses that do not couple pairs."""
+    with torch.enable_grad():
+        c_all = torch.cat(chosen).requires_grad_(True)
+        r_all = torch.cat(rejected).requires_grad_(True)
+        want_c, want_r = torch.autograd.grad(micro_loss(c_all, r_all).loss, (c_all, r_all))
+        start = 0
+        for c, r in zip(chosen, rejected):
+            n = c.shape[0]
+            c, r = c.clone().requires_grad_(True), r.clone().requires_grad_(True)
+            got_c, got_r = torch.autograd.grad(_loss_of_part(micro_loss, fill_chosen, fill_rejected, start, n)(c, r),
+                                               (c, r))
+            if not (torch.allclose(got_c, want_c[start:start + n], rtol=1e-4, atol=1e-7)
+                    and torch.allclose(got_r, want_r[start:start + n], rtol=1e-4, atol=1e-7)):
+                raise ValueError("the DPO loss couples pairs of a micro-batch: its gradient cannot be taken part by "
+                                 "part; set pairs_per_forward to the micro-batch size")
+            start += n
+
+
+GIB = 1024**3
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak resident memory: Linux resets VmHWM when "5" is written to clear_refs."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the process start
+        pass
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM) since ``reset_peak_rss``."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def learner_threads(world_size: int) -> int:

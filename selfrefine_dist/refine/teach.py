@@ -79,7 +79,7 @@ def pool_completions(cfg: Config, user_prompts: Dict[str, str]) -> Dict[str, Lis
     """The teacher model on sampler actors of its own (shut down afterwards)."""
     from selfrefine_dist.data.sft_dataset import render_prompt
     from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
-    from selfrefine_dist.pipeline import start_ray
+    from selfrefine_dist.cluster import start_ray
     from selfrefine_dist.sampling.pool import SamplerPool
     from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
 

@@ -51,6 +51,11 @@ class SamplerActor:
     def version(self) -> int:
         return self.weights_version
 
+    def peak_rss_gib(self) -> float:
+        """Peak resident memory of this actor, GiB: its own process's peak (VmHWM) plus that of each
+        process it started (vLLM's engine core), an upper bound of their peak together."""
+        return sum(_peak_rss_bytes(pid) for pid in _process_tree(os.getpid())) / 1024**3
+
     def checksums(self) -> Dict[str, str]:
         return self.backend.weight_checksums()
 
@@ -75,6 +80,30 @@ class SamplerActor:
         if not isinstance(self.backend, VLLMBackend):
             raise TypeError(f"NCCL weight sync needs the vLLM backend, not {type(self.backend).__name__}")
         return self.backend
+
+
+def _process_tree(pid: int) -> List[int]:
+    """``pid`` and its descendants (only ``pid`` where psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return [pid]
+    try:
+        return [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    """A process's peak resident memory (VmHWM, Linux); 0 when it cannot be read (gone, not Linux)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def remote_sampler_actor(num_cpus: float, num_gpus: float, max_restarts: int):

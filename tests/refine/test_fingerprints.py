@@ -1,6 +1,7 @@
 """Fingerprinted stages end to end (`selfrefine run` on a tiny Llama, real Ray, vLLM and ZeRO-3 learners):
 an unchanged rerun redoes nothing, a DPO key reruns the rounds from DPO on, a sampler key reruns from
-sampling, an SFT key reruns everything. Then `selfrefine sweep` over a DPO key trains one SFT."""
+sampling, `selfrefine sweep` over a DPO key links the SFT it shares, an SFT key reruns everything
+(tests run in file order: each starts from the run directory the one before left)."""
 import json
 import subprocess
 import sys
@@ -90,6 +91,24 @@ def test_sampler_key_reruns_from_sampling(first_run):
     assert report["sampling_temperature"] == 0.7 and len(rows) == 8 * 3
 
 
+def test_sweep_over_a_dpo_key_shares_one_sft(first_run):
+    config, run_dir, _ = first_run
+    root = run_dir.parent  # the first run is a sibling of the variants: its SFT is linked, not retrained
+    cmd = [sys.executable, "-m", "selfrefine_dist.cli", "sweep", "--config", str(config), *ONE_ROUND,
+           "--grid", "dpo.lr=[1.0e-3,2.0e-3]", "--dir", str(root)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
+    assert "launching:" not in out.stdout  # no variant trained an SFT of its own
+    names = ["lr=0.001", "lr=0.002"]
+    for name in names:
+        assert (root / name / "sft").is_symlink() and (root / name / "sft").resolve() == (run_dir / "sft").resolve()
+    second = decisions(out.stdout.split("variant 2/2")[1])
+    assert second["round_01/samples"] == "reused" and second["round_01/dpo"] == "computing"  # same policy, same keys
+    table = (root / "sweep.md").read_text()
+    assert all(f"| {n} |" in table for n in names) and "in-domain change [95% CI]" in table
+    assert (root / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_sft_key_reruns_everything(first_run):
     config, run_dir, _ = first_run
     stdout = selfrefine(config, run_dir, "dpo.lr=2.0e-3", "sampler.temperature=0.7", "sft.lr=1.0e-3",
@@ -97,19 +116,3 @@ def test_sft_key_reruns_everything(first_run):
     d = decisions(stdout)
     assert d["sft"] == "computing" and d["eval/sft"] == "computing" and "launching:" in stdout
     assert "sft.lr: 0.002 -> 0.001" in stdout
-
-
-def test_sweep_over_a_dpo_key_shares_one_sft(first_run, tmp_path):
-    config, _, _ = first_run
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "selfrefine_dist.cli", "sweep", "--config", str(config), *ONE_ROUND,
-           "--grid", "dpo.lr=[1.0e-3,2.0e-3]", "--dir", str(sweep)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
-    assert out.stdout.count("launching:") == 1  # one SFT for both variants
-    names = ["lr=0.001", "lr=0.002"]
-    assert (sweep / names[1] / "sft").is_symlink()
-    assert decisions(out.stdout.split("variant 2/2")[1])["round_01/samples"] == "reused"  # same SFT policy, same keys
-    table = (sweep / "sweep.md").read_text()
-    assert all(f"| {n} |" in table for n in names) and "in-domain change [95% CI]" in table
-    assert (sweep / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,8 +60,19 @@ def setup(tiny_model_dir, tmp_path_factory):
 
 
 def fresh_run_dir(setup, tmp_path, name):
+    """A run directory holding the shared SFT stage, recorded in its ledger as `selfrefine run` would have
+    recorded it (an SFT folder without its fingerprint would be treated as stale and trained again)."""
+    from selfrefine_dist.config import load_config
+    from selfrefine_dist.data.sources import load_slices
+    from selfrefine_dist.models.loading import resolve_dtype
+    from selfrefine_dist.stage_specs import examples_digest, sft_stage
+    from selfrefine_dist.stages import StageLedger
+
     run_dir = tmp_path / name
     shutil.copytree(setup[1], run_dir / "sft")
+    cfg = load_config(setup[0], [f"run.dir={run_dir}"])
+    stage = sft_stage(cfg, resolve_dtype(cfg.model.dtype), examples_digest(load_slices(cfg.data.train)), None)
+    StageLedger(run_dir, say=lambda line: None).finished(stage)
     return run_dir
 
 
@@ -96,6 +107,7 @@ def sync_run(setup, tmp_path_factory):
 
 def test_two_sync_rounds_end_to_end(sync_run):
     run_dir, stdout = sync_run
+    assert "stage sft: reused" in stdout and "launching:" not in stdout  # the shared SFT, not trained again
     arts = artifacts_of(run_dir)
     assert list(arts) == ["round_01", "round_02"]
     for i, (name, a) in enumerate(arts.items(), start=1):

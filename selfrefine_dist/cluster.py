@@ -1,0 +1,24 @@
+"""Joining Ray: a local instance started by the driver, or the cluster named by ``ray.address``.
+
+Every actor group (samplers, learners) calls ``start_ray`` before its first actor: whichever stage runs
+first (a rerun may train before it samples) must not let Ray start itself with its defaults (as many
+CPUs as cores), which leaves no room for the sampler actors next to the learners.
+"""
+from __future__ import annotations
+
+import os
+
+from selfrefine_dist.config import Config
+
+
+def start_ray(cfg: Config) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True)

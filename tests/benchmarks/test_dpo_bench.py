@@ -1,0 +1,42 @@
+"""``python -m selfrefine_dist.benchmarks.dpo`` at a toy size: every method finishes and the table's
+figures are finite (TRL's row only where TRL is installed: the ``bench`` extra)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+from selfrefine_dist.benchmarks import dpo as bench  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """{method: cells} of the markdown table ``bench.table`` prints."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] not in ("method",) and not set(cells[0]) <= set("-:"):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_dpo_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
+    methods = ["ours_stage0", "ours_2ranks"] + (["trl"] if importlib.util.find_spec("trl") else [])
+    bench.main(["--model", str(tiny_model_dir), "--num-pairs", "8", "--micro-batch", "2", "--methods", *methods,
+                "--timeout", "600"])
+    out = capsys.readouterr().out
+    assert re.search(r"# DPO benchmark: .* fp32, 8 pairs \(\d+ tokens\), micro-batch 2 pairs", out)
+    rows = table_rows(out)
+    assert set(rows) == set(methods)
+    for method, cells in rows.items():
+        assert not cells[1].startswith("skipped"), cells
+        # steps | train s | tokens/s | median step tokens/s | tokens/CPU-s | peak RSS GiB | with save GiB |
+        # 4 ratios to TRL | losses | load
+        assert int(cells[1]) == (2 if method == "ours_2ranks" else 4)
+        figures = [float(x) for x in cells[2:8]] + ([float(x) for x in cells[8:12]] if "trl" in rows else [])
+        assert all(math.isfinite(x) and x > 0 for x in figures), cells
