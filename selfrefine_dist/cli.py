@@ -38,6 +38,8 @@ def _sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--grid", nargs="+", required=True, help='"key.sub=[v1,v2,...]" ...')
     p.add_argument("--seeds", nargs="+", type=int, default=[], help="run every grid point with each seed")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="an ablation: the config as it is, then each grid value alone (not the product)")
     p.add_argument("--dir", default=None, help="the sweep's folder (default runs/sweep_<config stem>)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides for every variant")
     return p
@@ -78,7 +80,7 @@ def _sweep(args) -> int:
     root = Path(args.dir or Path("runs") / f"sweep_{Path(args.config).stem}")
     try:
         with hold_run_dir(root, "sweep"):  # one driver per sweep; its variants run in this process
-            run_sweep(args.config, args.grid, args.seeds, args.overrides, str(root))
+            run_sweep(args.config, args.grid, args.seeds, args.overrides, str(root), args.one_at_a_time)
     except RunDirLocked as e:
         print(f"run directory locked: {e}", file=sys.stderr)
         return 2
@@ -125,7 +127,7 @@ def _run_locked(args, cfg, run_dir: Path) -> int:
 
             run_sft(cfg, run_dir)
         else:
-            from selfrefine_dist.train.dpo import run_dpo
+            from selfrefine_dist.refine.offline_dpo import run_dpo
 
             run_dpo(cfg, run_dir)
         return 0

@@ -37,6 +37,8 @@ def learner_env(nproc: int) -> dict:
 
 
 def learner_command(launcher: str, nproc: int, master_port: int, cli_args: List[str]) -> List[str]:
+    """The deepspeed launcher's command for ``deepspeed``, else torchrun's (``ray`` too: ``selfrefine sft`` / ``dpo``
+    are the commands for users who launch processes themselves)."""
     port = str(master_port or free_port())
     if launcher == "deepspeed":
         return ["deepspeed", "--num_gpus", str(nproc), "--master_port", port,

@@ -4,9 +4,9 @@
 
 Every stage is fingerprinted (``stages.py``; the keys each depends on in ``stage_specs.py``): a rerun
 reuses what did not change, recomputes from the first stage a change touches, and continues a stage
-cut off half-way. SFT runs on learner processes started by torchrun or the deepspeed launcher;
-sampling, evaluation and the DPO rounds run on Ray actors (a local Ray, or the cluster named by
-``ray.address``). The sampler pool starts on first use: a rerun that reuses everything starts no engine.
+cut off half-way. SFT runs on the Ray learner group that then runs the DPO rounds
+(``distributed.launcher: ray``), or on processes started by torchrun or the deepspeed launcher; sampling
+and evaluation run on Ray sampler actors (a local Ray, or the cluster named by ``ray.address``). The sampler pool starts on first use: a rerun that reuses everything starts no engine.
 """
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from selfrefine_dist import artifacts
 from selfrefine_dist.cluster import start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.eval.evaluate import EvalResult, comparison_table, evaluate_with_pool, read_result, write_result
 from selfrefine_dist.launch import run_learners
 from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
-from selfrefine_dist.refine import artifacts
 from selfrefine_dist.stage_specs import base_model_identity, eval_stage, examples_digest, sft_stage, teach_stage
 from selfrefine_dist.stages import StageLedger, fingerprint
 from selfrefine_dist.tracking import MetricsLogger, config_dict
@@ -46,8 +46,10 @@ class Samplers:
             t0 = time.perf_counter()
             start_ray(self.cfg)
             self._pool = SamplerPool(self.cfg.sampler, self.model_path, resolve_dtype(self.cfg.model.dtype),
-                                     self.cfg.model.trust_remote_code)
+                                     self.cfg.model.trust_remote_code, resources=self.cfg.ray.sampler_resources)
             self._pool.version = self.first_version
+            print("samplers at " + ", ".join(f"actor {i}: node {node[:8]} pid {pid}"
+                                             for i, (node, pid) in enumerate(self._pool.placement())), flush=True)
             self.start_s = time.perf_counter() - t0
         return self._pool
 
@@ -137,15 +139,46 @@ def choose_final(cfg: Config, run_dir: Path, validate: Optional[Evaluator]) -> d
     return final
 
 
-def run_sft_stage(cfg: Config, run_dir: Path, config_file: Path, ledger: StageLedger, stage) -> Path:
+def run_sft_stage(cfg: Config, run_dir: Path, config_file: Path, ledger: StageLedger, stage):
+    """(the SFT model folder, the Ray learner group that trained it or None). Reused, or trained on
+    ``distributed.nproc_per_node`` learners: Ray actors (launcher ``ray``) or launcher processes."""
     sft_model = run_dir / "sft" / "model"
+    group = None
     if ledger.prepare(stage) != "reuse":
         ledger.started(stage)
         resolve_model_path(cfg.model.name_or_path)  # convert packaged models once, not in every learner
-        run_learners(cfg.distributed.launcher, cfg.distributed.nproc_per_node, cfg.distributed.master_port,
-                     ["sft", "--config", str(config_file)])
+        if cfg.distributed.launcher == "ray":
+            group = sft_on_ray(cfg, run_dir, config_file)
+        else:
+            run_learners(cfg.distributed.launcher, cfg.distributed.nproc_per_node, cfg.distributed.master_port,
+                         ["sft", "--config", str(config_file)])
         ledger.finished(stage)
-    return sft_model
+    return sft_model, group
+
+
+def sft_on_ray(cfg: Config, run_dir: Path, config_file: Path):
+    """SFT on a new Ray learner group of ``distributed.nproc_per_node`` ranks (``refine``'s resources per
+    rank); returns the group, connected, for the DPO rounds to use."""
+    from selfrefine_dist.refine.driver import learner_env
+    from selfrefine_dist.refine.learner import learner_threads
+    from selfrefine_dist.refine.learner_group import LearnerDied, LearnerGroup
+
+    start_ray(cfg)
+    n, r = cfg.distributed.nproc_per_node, cfg.refine
+    group = LearnerGroup(None, n, r.cpus_per_learner, r.gpus_per_learner, env=learner_env(n),
+                         backend=cfg.distributed.backend, threads=learner_threads(n),
+                         resources=cfg.ray.learner_resources)
+    where = ", ".join(f"rank {i}: node {node[:8]} pid {pid}" for i, (node, pid) in enumerate(group.placement()))
+    print(f"sft: on {n} Ray learners ({where})", flush=True)
+    try:
+        group.train_sft(str(config_file), str(run_dir))
+    except LearnerDied as e:  # LearnerGroup.wait has stopped the group; the ledger says SFT "started"
+        raise SystemExit(f"error: {e}. Run the same command again: SFT resumes from its last checkpoint in "
+                         f"{run_dir / 'sft' / 'checkpoints'} (sft.save_every sets how often one is written)") from None
+    except BaseException:
+        group.shutdown()
+        raise
+    return group
 
 
 def run_pipeline(cfg: Config, run_dir: Path, config_file: Path, logger: Optional[MetricsLogger] = None
@@ -185,7 +218,8 @@ def run_pipeline(cfg: Config, run_dir: Path, config_file: Path, logger: Optional
     t0 = time.perf_counter()
     sft = sft_stage(cfg, dtype, train_digest, teach_fp)
     logger.suspend()  # the SFT learners log into the same W&B run; one process may hold it at a time
-    sft_model = str(run_sft_stage(cfg, run_dir, config_file, ledger, sft))
+    sft_folder, sft_learners = run_sft_stage(cfg, run_dir, config_file, ledger, sft)
+    sft_model = str(sft_folder)
     seconds["sft"] = time.perf_counter() - t0
 
     samplers = Samplers(cfg, sft_model)
@@ -195,6 +229,11 @@ def run_pipeline(cfg: Config, run_dir: Path, config_file: Path, logger: Optional
                 if validation_examples else None)
     loop = SelfRefineLoop(cfg, run_dir, sft_model, sft.fingerprint, questions, samplers, logger, ledger,
                           evaluate, validate)
+    if sft_learners is not None:  # the ranks that trained SFT run the rounds, when the layouts agree
+        if cfg.refine.rounds and sft_learners.world_size == cfg.refine.num_learners:
+            loop.adopt_learners(sft_learners)
+        else:
+            sft_learners.shutdown()
     try:
         if cfg.eval.include_base:
             t0 = time.perf_counter()

@@ -46,7 +46,8 @@ def write_report(run_dir: Path) -> Path:
     sections = [(_accuracy_section, evals, plots), (_change_section, evals, run_dir, config),
                 (_rounds_section, summaries, plots), (_dpo_section, histories, plots),
                 (_why_section, summaries, histories, config, _pooled_accuracy(run_dir / "validation" / "sft"), plots),
-                (_timing_section, metrics, summaries, plots), (_sft_section, metrics, plots)]
+                (_timing_section, metrics, summaries, plots), (_memory_section, metrics, summaries),
+                (_sft_section, metrics, plots)]
     parts = [f"# Report: {run_dir.name}"]
     for build, *args in sections:
         try:
@@ -401,6 +402,23 @@ def _timing_section(metrics: List[dict], summaries: Dict[int, dict], plots: Path
                            [[b[6:], *(f"{t.get(c, 0.0):.1f}" for c in cols), f"{sum(t.values()):.1f}"]
                             for b, t in bars.items()]))
     return "\n\n".join(text)
+
+
+def _memory_section(metrics: List[dict], summaries: Dict[int, dict]) -> str:
+    """Peak resident memory per stage (GiB): the largest learner rank's, the largest sampler actor's."""
+    sft = [m["peak_rss_gib"] for m in metrics if m.get("stage") == "sft" and isinstance(m.get("peak_rss_gib"), (int, float))]
+    rows = [["SFT (learner)", _num(max(sft))]] if sft else []
+    for r, s in summaries.items():
+        for key, what in (("sampler_peak_rss_gib", "sampling (sampler)"),
+                          ("dpo_reference_peak_rss_gib", "reference pass (learner)"),
+                          ("dpo_peak_rss_gib", "DPO steps (learner)")):
+            if isinstance(s.get(key), (int, float)):
+                rows.append([f"round {r}: {what}", _num(s[key])])
+    if not rows:
+        return "## Memory\n\nNo peak memory figures in metrics.jsonl or the round summaries."
+    return ("## Memory\n\nPeak resident memory (GiB, Linux VmHWM) of the largest process of each kind during "
+            "each stage: a learner rank, or a sampler actor with the engine processes it started.\n\n"
+            + _table(["stage", "peak RSS GiB"], rows))
 
 
 def _sft_section(metrics: List[dict], plots: Path) -> str:

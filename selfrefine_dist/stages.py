@@ -132,7 +132,7 @@ class StageLedger:
     def _write(self) -> None:
         """Whole or not at all; a full or read-only disk raises ArtifactWriteError naming the ledger, the
         ledger on disk as it was (its stages then run again or resume on the next run)."""
-        from selfrefine_dist.refine.artifacts import write_json
+        from selfrefine_dist.artifacts import write_json
 
         write_json(self.path, self.entries, indent=1, sort_keys=True)
 

@@ -2,6 +2,8 @@
 
     selfrefine sweep --config configs/sweep_cpu.yaml --grid "dpo.lr=[1.0e-6,5.0e-6]" "dpo.beta=[0.1,0.3]" \
         --seeds 0 1 2
+    selfrefine sweep --config configs/sweep_cpu.yaml --one-at-a-time \
+        --grid "refine.pair_strategy=[cot_vs_direct]" "dpo.rpo_alpha=[null,1.0]"     # base + 3 variants
 
 Each variant (one point of the grid, one seed) is a run directory ``<sweep>/<variant>/`` with
 ``run.reuse_from=<sweep>``: a stage whose fingerprint matches a finished stage of an earlier variant
@@ -57,33 +59,42 @@ def parse_grid(items: Sequence[str]) -> List[Tuple[str, List[str]]]:
     return grid
 
 
-def variants(grid: Sequence[Tuple[str, List[str]]], seeds: Sequence[int] = ()) -> List[Variant]:
-    """The grid's cartesian product, times the seeds; names are readable and safe as folder names."""
+def variants(grid: Sequence[Tuple[str, List[str]]], seeds: Sequence[int] = (),
+             one_at_a_time: bool = False) -> List[Variant]:
+    """The grid's cartesian product, times the seeds; names are readable and safe as folder names.
+
+    ``one_at_a_time``: an ablation instead of a product: the config as it is ("base"), then each value of
+    each key alone, every other key left at the config's value."""
     out = []
-    for values in itertools.product(*[vals for _, vals in grid]):
-        settings = tuple((key, v) for (key, _), v in zip(grid, values))
+    if one_at_a_time:
+        points = [()] + [((key, v),) for key, vals in grid for v in vals]
+    else:
+        points = [tuple((key, v) for (key, _), v in zip(grid, values))
+                  for values in itertools.product(*[vals for _, vals in grid])]
+    for settings in points:
         for seed in (list(seeds) or [None]):
             parts = [f"{key.split('.')[-1]}={re.sub(r'[][ ]', '', v).replace(',', '-')}" for key, v in settings] + ([f"seed={seed}"] if seed is not None else [])
-            name = re.sub(r"[^A-Za-z0-9_.=+-]", "", "_".join(parts)) or "default"
+            name = re.sub(r"[^A-Za-z0-9_.=+-]", "", "_".join(parts)) or ("base" if one_at_a_time else "default")
             out.append(Variant(name, settings, seed))
     return out
 
 
 def run_sweep(config: str, grid_items: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
-              sweep_dir: Optional[str] = None) -> Path:
+              sweep_dir: Optional[str] = None, one_at_a_time: bool = False) -> Path:
     """Run every variant (skipping finished ones), then write ``sweep.md``; returns its path."""
     from selfrefine_dist.pipeline import run_pipeline
     from selfrefine_dist.run_dir import write_resolved_config
     from selfrefine_dist.tracking import MetricsLogger, config_dict
 
-    runs = variants(parse_grid(grid_items), seeds)
+    runs = variants(parse_grid(grid_items), seeds, one_at_a_time)
     root = Path(sweep_dir or Path("runs") / f"sweep_{Path(config).stem}")
     cfgs = {}
     for v in runs:  # every variant's config is checked before the first one runs
         cfgs[v.name] = load_config(config, [*overrides, *v.overrides, f"run.dir={root / v.name}",
                                             f"run.reuse_from={root}"])
     root.mkdir(parents=True, exist_ok=True)
-    plan = {"config": str(config), "grid": list(grid_items), "seeds": list(seeds), "overrides": list(overrides),
+    plan = {"config": str(config), "grid": list(grid_items), "one_at_a_time": one_at_a_time, "seeds": list(seeds),
+            "overrides": list(overrides),
             "variants": [{"name": v.name, "overrides": v.overrides} for v in runs]}
     (root / "sweep.json").write_text(json.dumps(plan, indent=2))
     timings = _read_timings(root)

@@ -40,7 +40,8 @@ def write_round(run_dir, r, steps=5):
                "dropped_all_correct": 5 * r, "dropped_all_incorrect": 8 - 2 * r, "dropped_pairs_too_long": 2,
                "pairs_unused": 6, "dpo_steps": steps, "dpo_loss": history[-1]["loss"], "dpo_step_s": 2.0,
                "dpo_reference_s": 4.0, "dpo_tokens_per_s": 900.0, "sample_s": 30.0, "pair_s": 0.5, "dpo_s": 20.0,
-               "reference_logps_s": 4.0, "export_s": 3.0, "sync_s": 1.5, "eval_s": 12.0}
+               "reference_logps_s": 4.0, "export_s": 3.0, "sync_s": 1.5, "eval_s": 12.0,
+               "sampler_peak_rss_gib": 1.5 + r, "dpo_reference_peak_rss_gib": 2.25, "dpo_peak_rss_gib": 3.0 + r}
     (out / "summary.json").write_text(json.dumps(summary))
 
 
@@ -51,7 +52,7 @@ def full_run(tmp_path):
     (run_dir / "config.yaml").write_text(to_yaml(load_config()))
     logger = MetricsLogger(run_dir)
     for step in range(1, 11):
-        logger.log({"loss": 2.0 / step, "lr": 1e-5}, step=step, stage="sft")
+        logger.log({"loss": 2.0 / step, "lr": 1e-5, "peak_rss_gib": 4.0 + step / 10}, step=step, stage="sft")
     write_eval(run_dir, "base", 20, 40)
     write_eval(run_dir, "sft", 40, 60)
     write_round(run_dir, 1)
@@ -128,6 +129,9 @@ def test_full_run_report(full_run):
     assert "| sft | 80.0 |" in timing and "dpo (excl. reference)" in timing
     assert "| 1 | 30.0 | 0.5 | 4.0 | 16.0 | 3.0 | 1.5 | 12.0 | 67.0 |" in timing  # dpo 20 s less 4 s of reference
     assert "10 logged steps; loss 2.000 at step 1 -> 0.200 at step 10" in section(text, "SFT")
+    memory = section(text, "Memory")  # the largest SFT step's peak, then each round's stages
+    assert "| SFT (learner) | 5.000 |" in memory and "| round 2: sampling (sampler) | 3.500 |" in memory
+    assert "| round 1: reference pass (learner) | 2.250 |" in memory and "| round 2: DPO steps (learner) | 5.000 |" in memory
 
 
 def history(chosen, rejected):

@@ -17,7 +17,7 @@ hang ends that section alone, killed at its budget):
                 trained on synthetic words, saved to a folder (nothing is downloaded).
   sft           ZeRO-3 SFT steps: ``train/sft.build_engine`` and the fused NLL (``causal_nll_sum``);
                 first checked against the model's own cross-entropy on the same batch.
-  dpo           ``DPOLearner`` in this process (no Ray): one step at learning rate 0 in each layout
+  dpo           ``Learner`` in this process (no Ray): one step at learning rate 0 in each layout
                 (fused loss on packed pairs, unfused packed, unfused two sequences per pair) must agree
                 on the loss, the policy log-probs and the gradient norm, packed and two-sequence
                 per-token log-probs too; then ``train_round`` (fused loss, packed pairs) for the figures.
@@ -309,7 +309,7 @@ def section_sft(profile: Profile, work: Path) -> dict:
 
 def section_dpo(profile: Profile, work: Path) -> dict:
     from selfrefine_dist.models.loading import resolve_dtype
-    from selfrefine_dist.refine.learner import DPOLearner, LearnerSpec
+    from selfrefine_dist.refine.learner import Learner, LearnerSpec
     from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
     from selfrefine_dist.train.distributed import free_port
 
@@ -323,7 +323,7 @@ def section_dpo(profile: Profile, work: Path) -> dict:
         shared_prompt=True, seed=0, threads=os.cpu_count() or 1,
     )
     probe = peak_probe(profile.device)
-    learner = DPOLearner(rank=0, world_size=1, local_rank=0)
+    learner = Learner(rank=0, world_size=1, local_rank=0)
     learner.setup(spec, "127.0.0.1", free_port())
     pairs = synthetic_pairs(learner.tokenizer, profile, profile.micro_batch * profile.steps)
     examples, dropped = tokenize_pairs(pairs, learner.tokenizer, max_len=1 << 20)
@@ -337,11 +337,11 @@ def section_dpo(profile: Profile, work: Path) -> dict:
         step_examples = [ex for micro in micro_batches for ex in micro]
         rows = [packed_pair_row(ex) for ex in step_examples]
         head_tokens = sum(len(ex.chosen_ids) + len(ex.rejected_ids) for ex in step_examples)
-        steps.append(dict(step_s=metrics["step_s"], loss=metrics["loss"],
+        steps.append(dict(step_s=metrics.step_s, loss=metrics.loss,
                           tokens=sum(ex.num_tokens for ex in step_examples), packed_tokens=sum(t for t, _ in rows),
                           flops=train_flops(model_config, rows, head_tokens)))
     result = _training_result(steps, absolute_peak(probe), dtype, checks=checks)
-    result.update(reference_s=history[0]["reference_s"], packed=bool(history[0]["shared_prompt"]), dropped=dropped)
+    result.update(reference_s=history[0].reference_s, packed=history[0].shared_prompt, dropped=dropped)
     return result
 
 
@@ -370,10 +370,10 @@ def dpo_equality(learner, spec, step: list) -> dict:
         for name, layout in layouts.items():
             learner.spec = replace(spec, lr=0.0, **layout)
             (metrics,) = learner.train_round([step], round_idx=0)
-            out.update({f"{name}_loss": metrics["loss"], f"{name}_grad_norm": metrics["grad_norm"],
-                        f"{name}_chosen_logps": metrics["logps/chosen"],
-                        f"{name}_rejected_logps": metrics["logps/rejected"],
-                        f"{name}_packed": bool(metrics["shared_prompt"])})
+            out.update({f"{name}_loss": metrics.loss, f"{name}_grad_norm": metrics.grad_norm,
+                        f"{name}_chosen_logps": metrics.logps_chosen,
+                        f"{name}_rejected_logps": metrics.logps_rejected,
+                        f"{name}_packed": metrics.shared_prompt})
     finally:
         learner.spec = spec
 

@@ -1,14 +1,16 @@
-"""Benchmark the samplers: generated tokens per second, vLLM pool against the HF backend, side by side.
+"""Benchmark the samplers: generated tokens per second of our sampler pool (vLLM and HF backends) beside
+the peer, raw vLLM (``vllm.LLM.generate`` in one plain process), on the same prompts, side by side.
 
     python -m selfrefine_dist.benchmarks.sampling       # SmolLM2-135M fp32, 16 GSM prompts x 8 samples x 128 tokens
 
-Both backends run the same way: one SamplerActor in Ray holding every CPU
-(``--cpus``, default all), the whole set of prompts as one work item (vLLM
-schedules it continuously; HF ``generate`` runs it as one padded batch of
-prompts x samples). The backends run one after the other, never together. A
-small warm-up call precedes the timed one; engine start is reported apart.
-Tokens are generated tokens, end-of-sequence tokens included; each repeat uses
-another seed, and the fastest repeat is reported.
+``raw_vllm``: a subprocess with no Ray that builds ``vllm.LLM`` with the engine settings our backend uses
+(dtype, max_model_len, KV cache, eager mode on CPU, ``--cpus`` threads) and generates the same token ids
+with ``SamplingParams(n=samples)``. ``vllm`` / ``hf``: one SamplerActor in Ray holding every CPU
+(``--cpus``, default all), the whole set of prompts as one work item (vLLM schedules it continuously;
+HF ``generate`` runs it as one padded batch of prompts x samples). The methods run one after the other,
+never together. A small warm-up call precedes the timed ones; engine start is reported apart. Tokens are
+generated tokens, end-of-sequence tokens included; each repeat uses another seed, and the fastest
+repeat is reported.
 """
 from __future__ import annotations
 
@@ -57,6 +59,63 @@ def measure(backend: str, model_path: str, requests, args) -> dict:
     return {"backend": backend, "start_s": start_s, "stats": best}
 
 
+RAW_VLLM = r"""
+import json, os, sys, time
+args = json.loads(sys.argv[1])
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args["kv_cache_gib"])
+os.environ["OMP_NUM_THREADS"] = str(args["cpus"])
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+import torch
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+torch.set_num_threads(args["cpus"])
+t0 = time.perf_counter()
+llm = LLM(model=args["model"], dtype={"fp32": "float32", "bf16": "bfloat16"}[args["dtype"]], max_model_len=1024,
+          seed=0, enforce_eager=not torch.cuda.is_available())
+start_s = time.perf_counter() - t0
+prompts = [TokensPrompt(prompt_token_ids=ids) for ids in args["prompt_ids"]]
+def run(n, max_tokens, seed):
+    params = SamplingParams(n=n, temperature=args["temperature"], top_p=args["top_p"], max_tokens=max_tokens,
+                            seed=seed)
+    t = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    return sum(len(o.token_ids) for r in out for o in r.outputs), time.perf_counter() - t
+run(args["samples"], 8, 10**6)  # warm-up
+best = None
+for repeat in range(args["repeats"]):
+    tokens, seconds = run(args["samples"], args["max_new_tokens"], repeat)
+    print(f"  raw_vllm repeat {repeat}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s)", flush=True)
+    if best is None or tokens / seconds > best[0] / best[1]:
+        best = (tokens, seconds)
+print("RESULT " + json.dumps({"start_s": start_s, "tokens": best[0], "seconds": best[1]}), flush=True)
+"""
+
+
+def measure_raw_vllm(model_path: str, requests, args) -> dict:
+    """The peer: ``vllm.LLM.generate`` in a plain subprocess (no Ray, no actor), on the same token ids."""
+    import json
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from selfrefine_dist.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    prompt_ids = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
+    spec = dict(model=model_path, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, cpus=args.cpus,
+                prompt_ids=prompt_ids, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, repeats=args.repeats)
+    out = subprocess.run([sys.executable, "-c", RAW_VLLM, json.dumps(spec)], capture_output=True, text=True,
+                         env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=args.timeout)
+    print("".join(line + "\n" for line in out.stdout.splitlines() if line.startswith("  raw_vllm")), end="", flush=True)
+    result = next((line for line in out.stdout.splitlines() if line.startswith("RESULT ")), None)
+    if out.returncode != 0 or result is None:
+        raise RuntimeError(f"raw vLLM failed (exit {out.returncode}): {out.stderr[-3000:]}")
+    r = json.loads(result[len("RESULT "):])
+    stats = SimpleNamespace(generated_tokens=r["tokens"], seconds=r["seconds"], tokens_per_s=r["tokens"] / r["seconds"])
+    return {"backend": "raw_vllm", "start_s": r["start_s"], "stats": stats}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pypi:smollm2-135m-instruct")
@@ -66,7 +125,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--backends", nargs="+", default=["vllm", "hf"], choices=["vllm", "hf"])
+    parser.add_argument("--backends", nargs="+", default=["raw_vllm", "vllm", "hf"], choices=["raw_vllm", "vllm", "hf"])
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds for the raw vLLM subprocess")
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the Ray instance and the actor")
     parser.add_argument("--kv-cache-gib", type=int, default=4, help="vLLM CPU KV cache (all samples fit at 4)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -79,21 +139,24 @@ def main(argv=None) -> None:
 
     model_path = resolve_model_path(args.model)
     requests = build_requests(model_path, args.prompts, args.samples)
+    rows = []
+    if "raw_vllm" in args.backends:  # first, before Ray holds any CPU
+        rows.append(measure_raw_vllm(model_path, requests, args))
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
-        rows = [measure(backend, model_path, requests, args) for backend in args.backends]
+        rows += [measure(backend, model_path, requests, args) for backend in args.backends if backend != "raw_vllm"]
     finally:
         ray.shutdown()
 
     print(f"\n# sampling benchmark: {args.model} {args.dtype}, {args.prompts} prompts x {args.samples} samples x "
           f"{args.max_new_tokens} new tokens, temperature {args.temperature}, top_p {args.top_p}; "
           f"1 actor, {args.cpus} CPUs (torch {torch.__version__})\n")
-    print("| backend | start s | generated tokens | seconds | tokens/s | vs hf |")
+    print("| method | start s | generated tokens | seconds | tokens/s | vs raw vLLM |")
     print("|---|---:|---:|---:|---:|---:|")
-    hf = next((r["stats"].tokens_per_s for r in rows if r["backend"] == "hf"), None)
+    raw = next((r["stats"].tokens_per_s for r in rows if r["backend"] == "raw_vllm"), None)
     for row in rows:
         stats = row["stats"]
-        ratio = f"{stats.tokens_per_s / hf:.2f}x" if hf else "n/a"
+        ratio = f"{stats.tokens_per_s / raw:.2f}x" if raw else "n/a"
         print(f"| {row['backend']} | {row['start_s']:.1f} | {stats.generated_tokens} | {stats.seconds:.1f} | "
               f"{stats.tokens_per_s:.0f} | {ratio} |")
 

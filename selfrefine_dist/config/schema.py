@@ -12,7 +12,7 @@ needs and passes plain values on.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 def choice(default: str, *choices: str):
@@ -129,10 +129,14 @@ class SFTConfig:
 class DistributedConfig:
     """How learner processes are started and talk to each other."""
 
-    # Processes on this machine when ``selfrefine`` starts them itself; under an
-    # external launcher (torchrun, deepspeed, Slurm) the launcher decides.
+    # Learner ranks when ``selfrefine`` starts them itself; under an external launcher (torchrun,
+    # deepspeed, Slurm) the launcher decides.
     nproc_per_node: int = 1
-    launcher: str = choice("torchrun", "torchrun", "deepspeed")
+    # How SFT's ranks start. ray: Ray actors in a placement group (``refine.cpus_per_learner`` /
+    # ``gpus_per_learner`` each; on a cluster, its learner nodes), the group that then runs the DPO
+    # rounds when refine.num_learners equals nproc_per_node. torchrun / deepspeed: processes on this
+    # machine started by that launcher (``selfrefine sft`` / ``dpo`` always start these).
+    launcher: str = choice("ray", "ray", "torchrun", "deepspeed")
     # auto: nccl on CUDA, gloo on CPU.
     backend: str = choice("auto", "auto", "nccl", "gloo")
     zero_stage: int = 3
@@ -296,6 +300,11 @@ class RayConfig:
     address: Optional[str] = None
     # Logical CPUs of a local Ray (null: max(4, cores)); actors on CPU take slices of them.
     num_cpus: Optional[int] = None
+    # Custom Ray resources each sampler actor / each learner rank asks for, to put them on the nodes
+    # meant for them (nodes started with ``ray start --resources '{"learner_node": 8}'``), e.g.
+    # learner_resources: {learner_node: 1}. Empty: wherever Ray finds CPUs / GPUs.
+    sampler_resources: Dict[str, float] = field(default_factory=dict)
+    learner_resources: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

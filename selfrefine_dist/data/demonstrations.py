@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from selfrefine_dist.data.records import ReasoningExample
@@ -69,3 +70,15 @@ def select_demonstrations(
             bucket.append(ex.uid)
     report = DemonstrationReport(total=len(examples), kept=len(kept), dropped=dict(dropped), dropped_examples=shown)
     return kept, report
+
+
+def demonstrations_path(run_dir: Path) -> Path:
+    """Where ``selfrefine teach`` writes the teacher's checked demonstrations in a run directory."""
+    return Path(run_dir) / "teach" / "demonstrations.jsonl"
+
+
+def read_demonstrations(path: Path) -> List[ReasoningExample]:
+    from selfrefine_dist.artifacts import read_jsonl
+
+    rows = read_jsonl(path)
+    return [ReasoningExample(**{**row, "choices": tuple(row.get("choices") or ())}) for row in rows]

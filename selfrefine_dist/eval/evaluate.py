@@ -115,7 +115,7 @@ def write_result(result: EvalResult, out_dir: Path, train_tasks: Optional[Sequen
     train_tasks: the tasks trained on (which split in-domain from out-of-domain), stored in the summary as
     ``train_tasks`` so the evaluation can be compared on its own (``selfrefine compare``).
     """
-    from selfrefine_dist.refine.artifacts import write_json, write_jsonl  # whole files or none, never half
+    from selfrefine_dist.artifacts import write_json, write_jsonl  # whole files or none, never half
 
     out_dir = Path(out_dir)
     write_jsonl(out_dir / f"{result.label}_samples.jsonl", result.samples)

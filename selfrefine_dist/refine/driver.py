@@ -21,19 +21,20 @@ from typing import Callable, Dict, List, Optional
 
 import ray
 
+from selfrefine_dist import artifacts
 from selfrefine_dist.cluster import start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import render_prompt
 from selfrefine_dist.data.tasks import get_task
 from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype
-from selfrefine_dist.refine import artifacts
 from selfrefine_dist.refine.learner import LearnerSpec, learner_threads
 from selfrefine_dist.refine.learner_group import LearnerDied, LearnerGroup
 from selfrefine_dist.refine.pairs import build_pairs
 from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
-from selfrefine_dist.refine.records import PreferencePair, ScoredPath, examples_digest
+from selfrefine_dist.refine.records import DPOStepMetrics, PreferencePair, ScoredPath, examples_digest
 from selfrefine_dist.refine.scoring import sample_stats, score_paths
+from selfrefine_dist.refine.sync import make_weight_sync
 from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
 from selfrefine_dist.stage_specs import dpo_stage, examples_digest as questions_digest, pairs_stage, round_temperature
 from selfrefine_dist.stage_specs import samples_stage
@@ -67,6 +68,7 @@ class SelfRefineLoop:
         self.model_fps: Dict[int, str] = {0: sft_fp}  # policy version -> fingerprint of its weights
         self.learners: Optional[LearnerGroup] = None
         self.learners_at: Optional[str] = None  # fingerprint of the weights the learner group holds
+        self.weight_sync = make_weight_sync(cfg)  # learners -> samplers after each round's DPO
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> List[dict]:
@@ -120,10 +122,10 @@ class SelfRefineLoop:
             probe = {"probe_accuracy_after": self.probe(r, r)}
             seconds["probe"] = time.perf_counter() - t0
 
-        last = history[-1] if history else {}
+        last = history[-1].as_dict() if history else {}
         summary = {"round": r, **sample_metrics, **pair_metrics, **probe,
                    **{f"dpo_{k}": v for k, v in last.items() if isinstance(v, (int, float))},
-                   "dpo_tokens_per_s": sum(h["tokens_per_s"] for h in history) / max(len(history), 1),
+                   "dpo_tokens_per_s": sum(h.tokens_per_s for h in history) / max(len(history), 1),
                    **{f"{k}_s": v for k, v in seconds.items()}, **eval_metrics}
         self.logger.log(summary, step=r, stage="round")
         self.ledger.started(summary_stage)
@@ -139,13 +141,13 @@ class SelfRefineLoop:
 
     # ---- DPO and weight sync --------------------------------------------------------------
     def train(self, r: int, pairs: List[PreferencePair], pair_metrics: dict, stage: Stage,
-              seconds: Dict[str, float]) -> List[dict]:
+              seconds: Dict[str, float]) -> List[DPOStepMetrics]:
         """Round ``r``'s DPO from the previous round's model, export, and the new weights to the samplers."""
         cfg, out = self.cfg, artifacts.round_dir(self.run_dir, r)
         history_file = out / "dpo_metrics.jsonl"
         if self.ledger.prepare(stage) == "reuse":
-            history = artifacts.read_jsonl(history_file)
-            seconds["reference_logps"] = history[0]["reference_s"] if history else 0.0
+            history = [DPOStepMetrics.from_dict(row) for row in artifacts.read_jsonl(history_file)]
+            seconds["reference_logps"] = history[0].reference_s if history else 0.0
             return history
         self.ledger.started(stage)
         t0 = time.perf_counter()
@@ -173,21 +175,14 @@ class SelfRefineLoop:
         expected = [examples_digest([ex for step in s for micro in step for ex in micro]) for s in plan.shards]
         if learners.digests() != expected:
             raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
-        artifacts.write_jsonl(history_file, history)
+        artifacts.write_jsonl(history_file, [h.as_dict() for h in history])
         seconds["dpo"] = time.perf_counter() - t0
-        seconds["reference_logps"] = history[0]["reference_s"] if history else 0.0
+        seconds["reference_logps"] = history[0].reference_s if history else 0.0
         for i, h in enumerate(history):
-            self.logger.log(h, step=i + 1, stage=f"dpo/round_{r}")
+            self.logger.log(h.as_dict(), step=i + 1, stage=f"dpo/round_{r}")
 
-        t0 = time.perf_counter()
-        if self.nccl_sync():  # gather + export + broadcast, one timed stage
-            learners.broadcast_weights(self.samplers.pool, str(out / "model"), cfg.refine.sync_bucket_mb << 20, version=r)
-            seconds["sync"] = time.perf_counter() - t0
-        else:
-            bucket_refs = learners.publish_weights(str(out / "model"), cfg.refine.sync_bucket_mb << 20)
-            seconds["export"] = time.perf_counter() - t0
-            seconds["sync"] = self.samplers.pool.update_weights(bucket_refs, version=r)
-            del bucket_refs
+        timing = self.weight_sync.push(learners, self.samplers.pool, str(out / "model"), version=r)
+        seconds["export"], seconds["sync"] = timing.export_s, timing.transfer_s
         self.learners_at = self.model_fps[r]
         self.ledger.finished(stage)
         return history
@@ -197,21 +192,25 @@ class SelfRefineLoop:
         group loaded from the version's exported folder (a rerun, or a round reused from another run)."""
         if self.learners is not None and self.learners_at == self.model_fps[version]:
             return self.learners
-        self.shutdown()
-        start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs, not auto-init's
         r = self.cfg.refine
         spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
-        self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
-                                     env=learner_env(r.num_learners))
+        if self.learners is not None and self.learners.spec is None:  # the group that trained SFT, no policy yet
+            print(f"dpo: on the {self.learners.world_size} learners that trained SFT", flush=True)
+            self.learners.setup(spec)
+        else:
+            self.shutdown()
+            start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs
+            self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
+                                         env=learner_env(r.num_learners), resources=self.cfg.ray.learner_resources)
+            print("dpo: learners at " + ", ".join(f"rank {i}: node {node[:8]} pid {pid}"
+                                                  for i, (node, pid) in enumerate(self.learners.placement())), flush=True)
         self.learners_at = self.model_fps[version]
         return self.learners
 
-    def nccl_sync(self) -> bool:
-        """NCCL broadcast when asked, or (auto) when learners and vLLM samplers both hold GPUs."""
-        r, sampler = self.cfg.refine, self.cfg.sampler
-        if r.weight_sync == "auto":
-            return r.gpus_per_learner > 0 and sampler.gpus_per_actor > 0 and sampler.backend == "vllm"
-        return r.weight_sync == "nccl"
+    def adopt_learners(self, group: LearnerGroup) -> None:
+        """Run the rounds on ``group`` (the ranks that trained SFT in this process, connected, no policy)."""
+        self.shutdown()
+        self.learners, self.learners_at = group, None
 
     # ---- sampling, rewards, pairs ---------------------------------------------------------
     def sampling_version(self, r: int) -> int:
@@ -271,7 +270,7 @@ class SelfRefineLoop:
         metrics = sample_stats([p for p in paths if p.style == "cot"]).as_metrics()
         metrics.update(sampled_by_version=version, sampling_temperature=settings.temperature,
                        sampling_tokens_per_s=stats.tokens_per_s, sampling_s=stats.seconds, reward_s=reward_s,
-                       retried_work_items=stats.retried_items)
+                       retried_work_items=stats.retried_items, sampler_peak_rss_gib=pool.peak_rss_gib())
         if self.cfg.refine.probe_questions:
             metrics.update(probe_questions=len(self.probe_questions(r)), probe_accuracy_before=self.probe(r, version))
         artifacts.write_json(report, metrics)

@@ -1,4 +1,10 @@
-"""A DPO learner rank: one DeepSpeed ZeRO-3 process, run as a Ray actor by ``LearnerGroup``.
+"""A learner rank: one DeepSpeed ZeRO-3 process, run as a Ray actor by ``LearnerGroup``; it trains SFT
+and then DPO in the same process group.
+
+    connect(addr, port, ...) the process group (gloo on CPU, NCCL on GPU), once
+    train_sft(config, run)   SFT (``train/sft.py``'s ``run_sft``, the recipe ``selfrefine sft`` runs under
+                             torchrun): train, checkpoint, resume, export ``<run>/sft/model``
+    setup(spec, ...)         a DPO policy engine from an exported folder (the SFT model, a round's model)
 
 Per round (the driver calls these in order, on every rank at once):
     train_round(shard)       a fresh optimizer state, reference log-probs of the whole shard once
@@ -27,6 +33,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from selfrefine_dist.refine.records import DPOStepMetrics, HeadInputs, ReferencedMicroBatch
+from selfrefine_dist.train.engine import AdamWSettings, grad_norm, load_model, optimizer_step, set_lr, wrap
+from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,7 @@ class LearnerSpec:
     pairs_per_forward: Optional[int] = None
 
 
-class DPOLearner:
+class Learner:
     """One rank. Created by ``LearnerGroup`` inside a placement group bundle."""
 
     def __init__(self, rank: int, world_size: int, local_rank: int = 0):
@@ -74,7 +84,6 @@ class DPOLearner:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         self.engine = None
         self.received_digest = ""
-        self.fp32_grad_norm = float("nan")  # ZeRO stage 0 in fp32: DeepSpeed keeps no gradient norm
         self.round_idx = 0  # the round trained last
 
     # ---- set-up -------------------------------------------------------------------------
@@ -86,15 +95,41 @@ class DPOLearner:
 
         return ray.util.get_node_ip_address(), free_port()
 
-    def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> None:
+    def where(self) -> Tuple[str, int]:
+        """(Ray node id, process id) of this rank: which node holds it."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def connect(self, master_addr: str, master_port: int, backend: str, threads: int) -> None:
+        """Join the learners' process group (rank 0 listens at ``master_addr:master_port``); once."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            torch.set_num_threads(spec.threads)
-        from selfrefine_dist.models.loading import load_tokenizer
+            torch.set_num_threads(threads)
         from selfrefine_dist.train import distributed as dist
 
-        dist.init_distributed(spec.backend)
+        dist.init_distributed(backend)
+
+    def train_sft(self, config_file: str, run_dir: str) -> str:
+        """SFT as ``selfrefine sft`` runs it under torchrun (the same ``run_sft``: engine, optimizer,
+        schedule, checkpoints, export), on this group's ranks; returns the exported model folder."""
+        from selfrefine_dist.config import load_config
+        from selfrefine_dist.train.sft import run_sft
+
+        model_dir = run_sft(load_config(config_file, []), Path(run_dir))
+        gc.collect()  # the SFT engine is gone with run_sft's frame; free it before a DPO engine is built
+        return str(model_dir)
+
+    def setup(self, spec: LearnerSpec, master_addr: str, master_port: int) -> None:
+        """The DPO policy engine from ``spec.policy_path`` (replacing any engine this rank holds)."""
+        from selfrefine_dist.models.loading import load_tokenizer
+
+        self.connect(master_addr, master_port, spec.backend, spec.threads)
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+            gc.collect()
         torch.manual_seed(spec.seed)
         self.spec = spec
         self.pairs_per_forward = resolve_pairs_per_forward(spec.pairs_per_forward, spec.micro_batch_size)
@@ -102,10 +137,6 @@ class DPOLearner:
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
 
     def _engine(self, path: str, with_optimizer: bool):
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        from selfrefine_dist.models.loading import load_causal_lm
         from selfrefine_dist.train.ds_config import deepspeed_config
 
         s = self.spec
@@ -113,20 +144,12 @@ class DPOLearner:
         parts = s.micro_batch_size // self.pairs_per_forward
         ds_cfg = deepspeed_config(self.pairs_per_forward, s.grad_accum * parts, self.world_size, s.zero_stage,
                                   s.dtype, s.max_grad_norm, s.offload_optimizer and with_optimizer)
-        hf_ds_config = HfDeepSpeedConfig(ds_cfg) if s.zero_stage == 3 else None  # load ZeRO-3 partitions directly
-        model = load_causal_lm(path, "fp32", s.trust_remote_code)
-        del hf_ds_config
+        model = load_model(path, ds_cfg, s.trust_remote_code)
         if not with_optimizer:
-            model.requires_grad_(False)
-            engine, *_ = deepspeed.initialize(model=model, config=ds_cfg)
-            engine.eval()
-            return engine
+            return wrap(model, ds_cfg)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.lr,
-                                      betas=tuple(s.adam_betas), weight_decay=s.weight_decay)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg)
-        return engine
+        return wrap(model, ds_cfg, AdamWSettings(s.lr, tuple(s.adam_betas), s.weight_decay))
 
     def restore(self, ckpt_root: str, round_idx: int) -> None:  # ``selfrefine dpo`` checkpoints
         """Continue from the end of round ``round_idx`` (model, optimizer, RNG)."""
@@ -135,10 +158,10 @@ class DPOLearner:
         load_checkpoint(self.engine, Path(ckpt_root), round_idx)
 
     # ---- one round ----------------------------------------------------------------------
-    def train_round(self, shard: List[List[list]], round_idx: int) -> List[Dict[str, float]]:
+    def train_round(self, shard: List[List[list]], round_idx: int) -> List[DPOStepMetrics]:
         """DPO on this rank's share of the round: [step][accumulation] -> PreferenceExamples.
 
-        Returns one metrics dict per optimizer step (averaged over ranks; every rank returns them).
+        Returns one ``DPOStepMetrics`` per optimizer step (averaged over ranks; every rank returns them).
         """
         from selfrefine_dist.models.logprobs import accepts_4d_masks
         from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_pairs
@@ -159,6 +182,10 @@ class DPOLearner:
 
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
         ref_logps = self._reference_logps(reference, batches)  # once per round, never per step
+        steps = [[ReferencedMicroBatch(tuple(parts), ref_chosen, ref_rejected)
+                  for parts, (ref_chosen, ref_rejected) in zip(step_parts, step_refs)]
+                 for step_parts, step_refs in zip(batches, ref_logps)]
+        del batches, ref_logps
         # A loaded reference would only hold memory while the policy trains: free it (gc: the engine and
         # its module hold reference cycles). Next round loads the same frozen folder: the same log-probs.
         if reference is not self.engine:
@@ -170,40 +197,36 @@ class DPOLearner:
 
         from selfrefine_dist.train.schedule import WarmupThenDecay
 
-        schedule = WarmupThenDecay(self.spec.warmup_steps, len(batches), self.spec.lr_schedule)
+        schedule = WarmupThenDecay(self.spec.warmup_steps, len(steps), self.spec.lr_schedule)
         self.engine.train()
-        history = []
-        for step, (micro_batches, micro_refs) in enumerate(zip(batches, ref_logps)):
+        history: List[DPOStepMetrics] = []
+        for step, micro_batches in enumerate(steps):
             fault_point(f"kill_learner_at_step:{round_idx}:{step + 1}:{self.rank}")
             lr = self.spec.lr * schedule(step)
-            for group in self.engine.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.engine, lr)
             reset_peak_rss()
             t_step, cpu_step = time.perf_counter(), time.process_time()
             sums: Dict[str, float] = {}
-            tokens = 0
-            for parts, (ref_chosen, ref_rejected) in zip(micro_batches, micro_refs):
-                out = self._train_micro_batch(parts, ref_chosen, ref_rejected)
-                for k, v in out.metrics().items():
+            for micro in micro_batches:
+                out = self._train_micro_batch(micro)
+                for k, v in {**out.metrics(), "loss": out.loss.item()}.items():
                     sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
-                sums["loss"] = sums.get("loss", 0.0) + out.loss.item() / len(micro_batches)
-                tokens += sum(part.num_tokens for part in parts)
-            metrics = self._mean_over_ranks(sums)
+            means = self._mean_over_ranks(sums)
             step_s, step_cpu_s = time.perf_counter() - t_step, time.process_time() - cpu_step
-            all_tokens = self._sum_over_ranks(tokens)
-            metrics.update(round=round_idx, lr=lr, grad_norm=self._grad_norm(), step_s=step_s,
-                           tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=float(packed),
-                           step_cpu_s=self._sum_over_ranks(step_cpu_s),  # CPU seconds, all ranks' processes
-                           peak_rss_gib=self._max_over_ranks(peak_rss_bytes()) / GIB,
-                           reference_peak_rss_gib=reference_peak_gib)
+            all_tokens = self._sum_over_ranks(sum(micro.num_tokens for micro in micro_batches))
+            metrics = DPOStepMetrics.from_dict(dict(
+                means, round=round_idx, lr=lr, grad_norm=grad_norm(self.engine), step_s=step_s,
+                tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=packed,
+                step_cpu_s=self._sum_over_ranks(step_cpu_s),  # CPU seconds, all ranks' processes
+                peak_rss_gib=self._max_over_ranks(peak_rss_bytes()) / GIB, reference_peak_rss_gib=reference_peak_gib))
             history.append(metrics)
             if self.rank == 0:  # progress, forwarded to the driver's console by Ray
-                print(f"dpo round {round_idx} step {step + 1}/{len(batches)}: loss {metrics['loss']:.4f} "
-                      f"margin {metrics['rewards/margins']:.3f} acc {metrics['rewards/accuracies']:.2f} "
-                      f"{metrics['tokens_per_s']:.0f} tok/s", flush=True)
+                print(f"dpo round {round_idx} step {step + 1}/{len(steps)}: loss {metrics.loss:.4f} "
+                      f"margin {metrics.rewards_margins:.3f} acc {metrics.rewards_accuracies:.2f} "
+                      f"{metrics.tokens_per_s:.0f} tok/s", flush=True)
         return history
 
-    def _train_micro_batch(self, parts: list, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor):
+    def _train_micro_batch(self, micro: ReferencedMicroBatch):
         """Forward and backward of one micro-batch, given in parts (batches of ``pairs_per_forward``
         pairs); returns the micro-batch's DPOLossOutput (detached), for the metrics.
 
@@ -216,12 +239,12 @@ class DPOLearner:
         """
         from selfrefine_dist.losses import dpo_loss
 
-        s, device = self.spec, self._device()
+        s, device, parts = self.spec, self._device(), micro.parts
         sizes = [part.num_pairs for part in parts]
         lengths = [response_lengths(part).to(device) for part in parts]  # [2n] each: chosen, then rejected
         chosen_lengths = torch.cat([n_tokens[:n] for n_tokens, n in zip(lengths, sizes)])
         rejected_lengths = torch.cat([n_tokens[n:] for n_tokens, n in zip(lengths, sizes)])
-        ref_chosen, ref_rejected = ref_chosen.to(device), ref_rejected.to(device)
+        ref_chosen, ref_rejected = micro.ref_chosen.to(device), micro.ref_rejected.to(device)
 
         def micro_loss(chosen, rejected):
             return dpo_loss(chosen, rejected, ref_chosen.to(chosen), ref_rejected.to(chosen), s.beta, s.loss_type,
@@ -234,7 +257,7 @@ class DPOLearner:
             loss, policy_logps = self._part_forward(part, part_loss)
             # every part is a DeepSpeed micro-step; the step's gradient is the mean over its micro-batches
             self.engine.backward(loss / s.grad_accum, scale_wrt_gas=False)
-            self._engine_step()
+            optimizer_step(self.engine)
             chosen.append(policy_logps[:n])
             rejected.append(policy_logps[n:])
             start += n
@@ -259,19 +282,6 @@ class DPOLearner:
             return part_loss(policy_logps[:b], policy_logps[b:]), policy_logps.detach()
         loss, policy_logps = fused_linear_preference_loss(*head, part_loss)
         return loss, policy_logps.detach()
-
-    def _engine_step(self) -> None:
-        """``engine.step()``, keeping the gradient norm where DeepSpeed keeps none (ZeRO stage 0, fp32:
-        the torch optimizer runs unwrapped; its gradients are already reduced over ranks here)."""
-        engine = self.engine
-        if engine.optimizer is engine.basic_optimizer and engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            self.fp32_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
-        engine.step()
-
-    def _grad_norm(self) -> float:
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else self.fp32_grad_norm
 
     def _load_reference(self):
         """The model the round's reference log-probs come from: the frozen reference (``reference_path``),
@@ -395,16 +405,16 @@ class DPOLearner:
 
 
 def fault_point(point: str) -> None:
-    """Test-only fault injection (tests/refine/test_learner_faults.py): when ``SELFREFINE_FAULT`` equals
+    """Test-only fault injection (tests/refine/test_loop.py): when ``SELFREFINE_FAULT`` equals
     ``point`` (``kill_learner_at_step:ROUND:STEP:RANK``, ``kill_learner_in_export:ROUND:RANK``) this process
     SIGKILLs itself there. Unset, as it is everywhere but in those tests, it does nothing."""
     if os.environ.get("SELFREFINE_FAULT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def head_inputs(model, batch, device: torch.device):
-    """(hidden [2B, T, H], lm_head weight [V, H], targets [2B, T]) of a preference batch, or None
-    without a fused head. Row s of ``hidden`` holds the states that predict sequence s's response
+def head_inputs(model, batch, device: torch.device) -> Optional[HeadInputs]:
+    """``HeadInputs`` (hidden [2B, T, H], lm_head weight [V, H], targets [2B, T]) of a preference batch,
+    or None without a fused head. Row s of ``hidden`` holds the states that predict sequence s's response
     tokens: from a packed batch (one row per pair) they are gathered by ``batch.positions``."""
     from selfrefine_dist.models.logprobs import causal_hidden_states, decoder_hidden_states
     from selfrefine_dist.refine.records import PackedPreferenceBatch
@@ -414,11 +424,11 @@ def head_inputs(model, batch, device: torch.device):
                                                attention_mask=batch.attention_mask.to(device),
                                                position_ids=batch.position_ids.to(device))
         rows = torch.arange(2 * batch.num_pairs, device=device) % batch.num_pairs
-        return hidden[rows.unsqueeze(1), batch.positions.to(device)], weight, batch.targets.to(device)
+        return HeadInputs(hidden[rows.unsqueeze(1), batch.positions.to(device)], weight, batch.targets.to(device))
     out = causal_hidden_states(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     if out is None:
         return None
-    return out[0], out[1], batch.labels[:, 1:].to(device)
+    return HeadInputs(out[0], out[1], batch.labels[:, 1:].to(device))
 
 
 def reset_optimizer_state(engine) -> None:
@@ -485,30 +495,6 @@ def _check_parts_separable(micro_loss, fill_chosen, fill_rejected, chosen: List[
             start += n
 
 
-GIB = 1024**3
-
-
-def reset_peak_rss() -> None:
-    """Start a new peak resident memory: Linux resets VmHWM when "5" is written to clear_refs."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not allowed: the peak then counts from the process start
-        pass
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM) since ``reset_peak_rss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def learner_threads(world_size: int) -> int:

@@ -1,4 +1,10 @@
-"""N DPO learner ranks as Ray actors in one placement group, driven like one object.
+"""N learner ranks as Ray actors in one placement group, driven like one object: SFT, then DPO rounds,
+on the same ranks.
+
+    group = LearnerGroup(None, n, backend="auto", threads=1)   # ranks placed and connected
+    group.train_sft(config_file, run_dir)                      # SFT on the group (``selfrefine run``)
+    group.setup(spec)                                          # a DPO policy from the exported SFT model
+    group.train_round(shard_refs, round_idx) ...
 
 Each method fans the call out to every rank (ZeRO-3 collectives need all of them) and
 returns rank 0's answer, or the object references when the caller wants to overlap work
@@ -13,7 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from selfrefine_dist.refine.learner import DPOLearner, LearnerSpec
+from selfrefine_dist.refine.learner import Learner, LearnerSpec
 
 DEATH_GRACE_S = 10.0  # after a rank fails, how long the others may take to fail too (a peer's death shows as theirs)
 
@@ -24,7 +30,8 @@ class LearnerDied(RuntimeError):
     def __init__(self, rank: int, round_idx: Optional[int], during: str, cause: str):
         self.rank, self.round_idx, self.during = rank, round_idx, during
         where = f"round {round_idx}'s {during}" if round_idx is not None else during
-        super().__init__(f"DPO learner rank {rank} died during {where} ({cause}); the learner group was stopped")
+        kind = "SFT" if during == "SFT" else "DPO"
+        super().__init__(f"{kind} learner rank {rank} died during {where} ({cause}); the learner group was stopped")
 
 
 def _death_cause(error: Exception) -> str:
@@ -39,25 +46,48 @@ def _death_cause(error: Exception) -> str:
 
 
 class LearnerGroup:
-    def __init__(self, spec: LearnerSpec, num_learners: int, cpus_per_learner: float = 1.0,
-                 gpus_per_learner: float = 0.0, env: Optional[Dict[str, str]] = None):
-        bundles = [{"CPU": cpus_per_learner, **({"GPU": gpus_per_learner} if gpus_per_learner else {})}
-                   for _ in range(num_learners)]
+    """``spec``: build the DPO policy at once (``setup``); None: ranks connected, no engine yet (SFT first).
+    ``backend`` and ``threads`` are the process group's and torch's when ``spec`` is None."""
+
+    def __init__(self, spec: Optional[LearnerSpec], num_learners: int, cpus_per_learner: float = 1.0,
+                 gpus_per_learner: float = 0.0, env: Optional[Dict[str, str]] = None, backend: str = "auto",
+                 threads: int = 1, resources: Optional[Dict[str, float]] = None):
+        # ``resources``: custom Ray resources per rank, which put the ranks on the nodes that have them
+        bundles = [{"CPU": cpus_per_learner, **({"GPU": gpus_per_learner} if gpus_per_learner else {}),
+                    **dict(resources or {})} for _ in range(num_learners)]
         # PACK keeps ranks on as few nodes as possible (fast collectives); Ray spreads when it must.
         self.placement_group = placement_group(bundles, strategy="PACK")
         ray.get(self.placement_group.ready())
-        remote_cls = ray.remote(DPOLearner)
+        remote_cls = ray.remote(Learner)
         self.actors = [
             remote_cls.options(
-                num_cpus=cpus_per_learner, num_gpus=gpus_per_learner,
+                num_cpus=cpus_per_learner, num_gpus=gpus_per_learner, resources=dict(resources or {}),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
                 runtime_env={"env_vars": dict(env or {})},
             ).remote(i, num_learners)
             for i in range(num_learners)
         ]
         self.round_idx: Optional[int] = None  # the round being trained, for error messages
-        master_addr, master_port = ray.get(self.actors[0].address.remote())
-        self.wait([a.setup.remote(spec, master_addr, master_port) for a in self.actors], "set-up")
+        self.spec: Optional[LearnerSpec] = None  # the DPO settings of the policy the ranks hold
+        self.master = ray.get(self.actors[0].address.remote())
+        if spec is not None:
+            self.setup(spec)
+        else:
+            self.wait([a.connect.remote(*self.master, backend, threads) for a in self.actors], "set-up")
+
+    def setup(self, spec: LearnerSpec) -> None:
+        """Every rank builds the DPO policy engine from ``spec.policy_path`` (dropping the one it held)."""
+        self.wait([a.setup.remote(spec, *self.master) for a in self.actors], "set-up")
+        self.spec = spec
+
+    def train_sft(self, config_file: str, run_dir: str) -> str:
+        """SFT on the group's ranks (``run_sft``, as under torchrun); returns the exported model folder."""
+        self.round_idx = None
+        return self.wait([a.train_sft.remote(config_file, run_dir) for a in self.actors], "SFT")[0]
+
+    def placement(self) -> List[tuple]:
+        """(Ray node id, pid) of each rank."""
+        return ray.get([a.where.remote() for a in self.actors])
 
     @property
     def world_size(self) -> int:
@@ -84,25 +114,6 @@ class LearnerGroup:
     def publish_weights(self, export_dir: Optional[str], bucket_bytes: int) -> List[ray.ObjectRef]:
         """Export (if ``export_dir``) and return rank 0's weight buckets in the object store."""
         return self.wait([a.publish_weights.remote(export_dir, bucket_bytes) for a in self.actors], "weight export")[0]
-
-    def broadcast_weights(self, pool, export_dir: Optional[str], bucket_bytes: int, version: int) -> None:
-        """GPU: rank 0 broadcasts the weights over NCCL to every vLLM worker of ``pool``, bucket by bucket.
-
-        Only bucket metadata goes through Ray; the first call sets up the NCCL group.
-        """
-        if not getattr(self, "_broadcast_joined", False):
-            address, port = ray.get(self.actors[0].address.remote())
-            world_size, joined = pool.init_weight_broadcast(address, port)
-            ray.get(joined + [self.actors[0].join_weight_broadcast.remote(address, port, world_size)])
-            self._broadcast_joined = True
-        metas = self.wait([a.gather_for_broadcast.remote(export_dir, bucket_bytes) for a in self.actors],
-                          "weight export")[0]
-        pool.begin_weight_broadcast()
-        for index, bucket_metas in enumerate(metas):
-            received = pool.receive_weight_broadcast(bucket_metas)
-            ray.get(self.actors[0].send_bucket.remote(index))
-            ray.get(received)
-        pool.finish_weight_broadcast(version)
 
     def wait(self, refs: Sequence[ray.ObjectRef], during: str) -> list:
         """``ray.get(refs)``, ``refs[r]`` being rank r's call. If a rank's process dies, stop the whole group

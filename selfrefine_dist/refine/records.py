@@ -1,14 +1,16 @@
-"""Typed records of the self-refine loop, from a sampled text to the DPO batch.
+"""Typed records of the self-refine loop, from a sampled text to the DPO step's metrics.
 
     GenerationRequest (sampling) -> GeneratedText -> ScoredPath -> PreferencePair
-        -> PreferenceExample (token ids) -> PreferenceBatch (tensors) -> dpo_loss
+        -> PreferenceExample (token ids) -> PreferenceBatch / PackedPreferenceBatch (tensors)
+        -> ReferencedMicroBatch (its parts + reference log-probs) -> HeadInputs -> dpo_loss
+        -> DPOStepMetrics (one per optimizer step, back to the driver)
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -133,6 +135,89 @@ class PackedPreferenceBatch:
         """Tokens of the pairs as two sequences each (prompt counted twice), as ``PreferenceBatch``
         counts them: the unit of tokens/s, comparable with trainers that do not pack."""
         return self.unpacked_tokens
+
+
+@dataclass
+class ReferencedMicroBatch:
+    """One micro-batch of B pairs as the learner trains it: its parts (batches of ``pairs_per_forward``
+    pairs, each a DeepSpeed micro-step) and the frozen reference's summed log-probs of its pairs,
+    computed once per round before training.
+
+    parts:        PreferenceBatch or PackedPreferenceBatch, B pairs in all, in order.
+    ref_chosen:   [B] float, reference log-prob of each chosen response.
+    ref_rejected: [B] float, the same for the rejected ones.
+    """
+
+    parts: Tuple[Union[PreferenceBatch, PackedPreferenceBatch], ...]
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(part.num_pairs for part in self.parts)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(part.num_tokens for part in self.parts)
+
+
+class HeadInputs(NamedTuple):
+    """What the fused LM-head kernels take for a batch of 2B sequences (chosen rows, then rejected).
+
+    hidden:  [2B, T, H] final hidden states; row s, position t predicts response token t of sequence s.
+    weight:  [V, H] the LM head's weight.
+    targets: [2B, T] long response token ids, -100 where sequence s has no token t.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    targets: torch.Tensor
+
+
+# DPOStepMetrics fields <-> the names on disk and in W&B (TRL's, where TRL has one).
+_TRL_NAMES = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+              "rewards_accuracies": "rewards/accuracies", "rewards_margins": "rewards/margins",
+              "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
+
+
+@dataclass(frozen=True)
+class DPOStepMetrics:
+    """One DPO optimizer step, averaged over micro-batches and ranks (sums where said); every rank
+    returns the same list. ``as_dict`` gives the row of ``dpo_metrics.jsonl`` and W&B, with TRL's names."""
+
+    round: int
+    loss: float
+    rewards_chosen: float  # beta * (policy - reference) log-prob of the chosen responses
+    rewards_rejected: float
+    rewards_accuracies: float  # share of pairs whose chosen reward beats the rejected one
+    rewards_margins: float
+    logps_chosen: float  # policy log-prob of the chosen responses
+    logps_rejected: float
+    lr: float
+    grad_norm: float
+    step_s: float
+    tokens_per_s: float  # all ranks' tokens (pairs as two sequences) per second
+    step_cpu_s: float  # CPU seconds of the step, all ranks' processes together
+    peak_rss_gib: float  # largest peak resident memory of any rank during the step
+    reference_s: float  # the round's reference pass (loading, log-probs, freeing), the same on every step
+    reference_peak_rss_gib: float
+    shared_prompt: bool  # packed rows: the prompt ran once per pair
+    nll_loss: Optional[float] = None  # RPO's NLL term on the chosen responses, when rpo_alpha is set
+
+    def as_dict(self) -> dict:
+        row = {_TRL_NAMES.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        row["shared_prompt"] = float(self.shared_prompt)
+        if self.nll_loss is None:
+            del row["nll_loss"]
+        return row
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "DPOStepMetrics":
+        """A row of ``dpo_metrics.jsonl``, back."""
+        by_name = {trl: name for name, trl in _TRL_NAMES.items()}
+        values = {by_name.get(k, k): v for k, v in row.items()}
+        values["shared_prompt"] = bool(values["shared_prompt"])
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
 def examples_digest(examples: Sequence[PreferenceExample]) -> str:

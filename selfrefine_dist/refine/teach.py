@@ -19,17 +19,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from selfrefine_dist import artifacts
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.records import ReasoningExample
+from selfrefine_dist.data.demonstrations import demonstrations_path
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.data.tasks import get_task
-from selfrefine_dist.refine import artifacts
 from selfrefine_dist.rewards import check_answer
 from selfrefine_dist.sampling.records import GeneratedText
-
-
-def demonstrations_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "teach" / "demonstrations.jsonl"
 
 
 def run_teach_stage(cfg: Config, run_dir: Path) -> Path:
@@ -70,11 +67,6 @@ def select_teacher_answers(questions: Sequence[ReasoningExample], texts: Dict[st
     return kept, {"questions": len(questions), "kept": len(kept), "dropped": dict(dropped)}
 
 
-def read_demonstrations(path: Path) -> List[ReasoningExample]:
-    rows = artifacts.read_jsonl(path)
-    return [ReasoningExample(**{**row, "choices": tuple(row.get("choices") or ())}) for row in rows]
-
-
 def pool_completions(cfg: Config, user_prompts: Dict[str, str]) -> Dict[str, List[GeneratedText]]:
     """The teacher model on sampler actors of its own (shut down afterwards)."""
     from selfrefine_dist.data.sft_dataset import render_prompt
@@ -86,7 +78,8 @@ def pool_completions(cfg: Config, user_prompts: Dict[str, str]) -> Dict[str, Lis
     start_ray(cfg)
     teacher = resolve_model_path(cfg.teach.model)
     tokenizer = load_tokenizer(teacher, cfg.model.trust_remote_code)
-    pool = SamplerPool(cfg.sampler, teacher, resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code)
+    pool = SamplerPool(cfg.sampler, teacher, resolve_dtype(cfg.model.dtype), cfg.model.trust_remote_code,
+                       resources=cfg.ray.sampler_resources)
     try:
         requests = [GenerationRequest(uid, render_prompt(tokenizer, text), cfg.teach.samples_per_question)
                     for uid, text in user_prompts.items()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import ray
 
@@ -51,6 +51,10 @@ class SamplerActor:
     def version(self) -> int:
         return self.weights_version
 
+    def where(self) -> tuple:
+        """(Ray node id, process id): which node holds this actor."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
     def peak_rss_gib(self) -> float:
         """Peak resident memory of this actor, GiB: its own process's peak (VmHWM) plus that of each
         process it started (vLLM's engine core), an upper bound of their peak together."""
@@ -59,20 +63,23 @@ class SamplerActor:
     def checksums(self) -> Dict[str, str]:
         return self.backend.weight_checksums()
 
-    # GPU weight sync over NCCL (nccl_sync.py); vLLM backend only.
-
-    def init_weight_broadcast(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
-        self._vllm().init_weight_broadcast(master_address, master_port, rank_offset, world_size)
-
-    def begin_weight_broadcast(self) -> None:
-        self._vllm().begin_weight_sync()
-
-    def receive_weight_broadcast(self, metas: Sequence[TensorMeta]) -> None:
-        self._vllm().receive_weight_broadcast(metas)
-
-    def finish_weight_broadcast(self, version: int) -> None:
-        self._vllm().finish_weight_sync()
-        self.weights_version = version
+    # GPU weight sync over NCCL (nccl_sync.py; driven by refine/sync.py's NcclSync); vLLM backend only.
+    def weight_broadcast(self, step: str, *args) -> None:
+        """One step of an NCCL sync: ``init`` (master_address, master_port, rank_offset, world_size: the
+        engine's workers join learner rank 0's group), ``begin``, ``receive`` (bucket metas: the next
+        broadcast bucket), ``finish`` (version: the weights now held)."""
+        vllm = self._vllm()
+        if step == "init":
+            vllm.init_weight_broadcast(*args)
+        elif step == "begin":
+            vllm.begin_weight_sync()
+        elif step == "receive":
+            vllm.receive_weight_broadcast(*args)
+        elif step == "finish":
+            vllm.finish_weight_sync()
+            self.weights_version = args[0]
+        else:
+            raise ValueError(f"unknown weight broadcast step {step!r}")
 
     def _vllm(self):
         from selfrefine_dist.sampling.vllm_backend import VLLMBackend
@@ -106,6 +113,9 @@ def _peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-def remote_sampler_actor(num_cpus: float, num_gpus: float, max_restarts: int):
-    """The Ray actor class of ``SamplerActor`` with its resources and restart policy."""
-    return ray.remote(SamplerActor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts)
+def remote_sampler_actor(num_cpus: float, num_gpus: float, max_restarts: int,
+                         resources: Optional[Dict[str, float]] = None):
+    """The Ray actor class of ``SamplerActor`` with its resources (``resources``: custom Ray resources,
+    which place it on the nodes that have them) and restart policy."""
+    return ray.remote(SamplerActor).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                            resources=dict(resources or {}))

@@ -8,18 +8,17 @@ rank 0 is the learner, then the vLLM workers, ``tensor_parallel_size`` per
 sampler actor. NCCL needs one GPU per rank: the learner and the samplers must
 not share a GPU (a colocated setup would use CUDA IPC instead).
 
-The sequence (driver, learner rank 0 and pool):
+The sequence (``refine/sync.py``'s ``NcclSync`` runs it; ``SamplerActor.weight_broadcast`` is the
+actors' end):
 
-    world_size, joined = pool.init_weight_broadcast(master_address, master_port)
-    learner rank 0:  sender = NcclWeightSender(master_address, master_port, world_size)
-    ray.get(joined)
-    # each sync:
-    pool.begin_weight_broadcast()
-    for bucket in named_tensor_buckets(full_state_dict, bucket_bytes):      # on the learner
-        received = pool.receive_weight_broadcast(bucket_metas(bucket))      # every actor waits for it
-        sender.send(bucket)                                                 # one NCCL broadcast
-        ray.get(received)
-    pool.finish_weight_broadcast(version)
+    once:  every sampler actor: weight_broadcast("init", address, port, rank_offset, world_size)
+           learner rank 0:      sender = NcclWeightSender(address, port, world_size)
+    each sync:
+           every actor: weight_broadcast("begin")
+           for each bucket of the gathered state dict (on learner rank 0):
+               every actor: weight_broadcast("receive", bucket_metas(bucket))   # waits for it
+               learner rank 0: sender.send(bucket)                             # one NCCL broadcast
+           every actor: weight_broadcast("finish", version)
 
 Only bucket metadata (names, dtypes, shapes, offsets) goes through Ray; the
 bytes go through NCCL, one flat uint8 buffer per bucket.

@@ -46,16 +46,16 @@ class SamplerPool:
     at ``model_path``); ``last_stats`` describes the last ``generate`` call.
     """
 
-    def __init__(self, cfg: SamplerConfig, model_path: str, dtype: str, trust_remote_code: bool = False):
+    def __init__(self, cfg: SamplerConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
+                 resources: Optional[Dict[str, float]] = None):
         self.spec = BackendSpec(
             backend=cfg.backend, model_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
             seed=cfg.seed, num_threads=max(1, int(cfg.cpus_per_actor)), max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             kv_cache_gib=cfg.kv_cache_gib, hf_batch_size=cfg.hf_batch_size,
         )
-        actor_class = remote_sampler_actor(cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.max_restarts)
+        actor_class = remote_sampler_actor(cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.max_restarts, resources)
         self.actors = [actor_class.remote(self.spec) for _ in range(cfg.num_actors)]
-        ray.get([actor.ready.remote() for actor in self.actors])
         self.chunk_size = cfg.chunk_size
         self.max_restarts = cfg.max_restarts
         self.version = 0  # the checkpoint at model_path
@@ -65,6 +65,7 @@ class SamplerPool:
         self._deaths = [0] * len(self.actors)
         self._dead: set = set()  # actors past max_restarts, no longer used
         self.last_stats: Optional[SamplingStats] = None
+        self._wait_ready()
 
     @property
     def live_actors(self) -> List[int]:
@@ -132,34 +133,25 @@ class SamplerPool:
         """Per live actor, sha256 per parameter as the backend holds it (see ``weights.expected_checksums``)."""
         return ray.get([self.actors[a].checksums.remote() for a in self.live_actors])
 
+    def peak_rss_gib(self) -> float:
+        """The largest peak resident memory of any live actor (with the engine processes it started), GiB."""
+        return max(ray.get([self.actors[a].peak_rss_gib.remote() for a in self.live_actors]), default=0.0)
+
+    def placement(self) -> List[Tuple[str, int]]:
+        """Per live actor, (Ray node id, pid)."""
+        return ray.get([self.actors[a].where.remote() for a in self.live_actors])
+
     def versions(self) -> List[int]:
         """Per live actor, the weights version it holds."""
         return ray.get([self.actors[a].version.remote() for a in self.live_actors])
 
-    # GPU weight sync over NCCL; the sequence is in nccl_sync.py's docstring.
+    def on_live_actors(self, method: str, *args) -> List[ray.ObjectRef]:
+        """Start actor method ``method`` on every live actor; returns the refs, in live-actor order."""
+        return [getattr(self.actors[a], method).remote(*args) for a in self.live_actors]
 
-    def init_weight_broadcast(self, master_address: str, master_port: int) -> Tuple[int, List[ray.ObjectRef]]:
-        """Have every live actor's vLLM workers join learner rank 0's NCCL group (ranks 1..).
-
-        Returns the group's world size (for ``NcclWeightSender``) and refs to
-        wait on once the learner has joined too.
-        """
-        tp = self.spec.tensor_parallel_size
-        live = self.live_actors
-        world_size = 1 + len(live) * tp
-        joined = [self.actors[a].init_weight_broadcast.remote(master_address, master_port, 1 + i * tp, world_size)
-                  for i, a in enumerate(live)]
-        return world_size, joined
-
-    def begin_weight_broadcast(self) -> None:
-        ray.get([self.actors[a].begin_weight_broadcast.remote() for a in self.live_actors])
-
-    def receive_weight_broadcast(self, metas: Sequence[TensorMeta]) -> List[ray.ObjectRef]:
-        """Every live actor waits for the next broadcast bucket; wait on the refs after the learner sent it."""
-        return [self.actors[a].receive_weight_broadcast.remote(list(metas)) for a in self.live_actors]
-
-    def finish_weight_broadcast(self, version: int) -> None:
-        ray.get([self.actors[a].finish_weight_broadcast.remote(version) for a in self.live_actors])
+    def broadcast_done(self, version: int) -> None:
+        """Every live actor holds ``version``, received over NCCL: nowhere a restarted actor could load it
+        from (it is given up instead, see ``_recover``)."""
         self._bucket_refs, self.version, self._restorable = [], version, False
 
     def shutdown(self) -> None:
@@ -168,6 +160,32 @@ class SamplerPool:
 
     # -------------------------------------------------------------------------------------
 
+    def _wait_ready(self) -> None:
+        """Wait until every actor's backend is built. An actor killed while it starts (the OOM killer
+        during an engine build) is restarted by Ray and waited for again, up to ``max_restarts``; an
+        actor whose constructor raised is not restarted by Ray: its error is raised here."""
+        running = {actor.ready.remote(): a for a, actor in enumerate(self.actors)}
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor = running.pop(ref)
+            try:
+                ray.get(ref)
+                continue
+            except ActorUnavailableError:
+                time.sleep(UNAVAILABLE_RETRY_S)
+            except RayActorError as error:
+                if error.actor_init_failed:
+                    self.shutdown()
+                    raise  # the constructor raised (a bad model path, say): Ray does not restart it
+                self._deaths[actor] += 1
+                if 0 <= self.max_restarts < self._deaths[actor]:
+                    self.shutdown()
+                    raise RuntimeError(f"sampler actor {actor} died {self._deaths[actor]} times while starting "
+                                       f"(sampler.max_restarts={self.max_restarts}): {error}") from error
+                logger.warning("sampler actor %d died while starting (%s); waiting for its restart",
+                               actor, str(error)[:500])
+            running[self.actors[actor].ready.remote()] = actor
+
     def _recover(self, actor: int, error: Exception, running: Running) -> None:
         """After a failed call: queue a call that waits for the restart and loads the current weights.
 
@@ -175,7 +193,7 @@ class SamplerPool:
         """
         if not self._restorable:
             # Its weights came over NCCL: a restarted actor could not be brought up to date (nor rejoin
-            # the group); run without it. Call init_weight_broadcast again before the next NCCL sync.
+            # the group); run without it. NcclSync joins the live actors into a new group before its next sync.
             logger.error("sampler actor %d failed after an NCCL weight sync; giving it up: %s", actor, error)
             self._dead.add(actor)
             return

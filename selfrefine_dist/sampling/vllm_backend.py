@@ -33,6 +33,9 @@ class VLLMBackend:
                  trust_remote_code: bool = False):
         on_gpu = torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM's INFO lines (one per prefix-cache reset, i.e. per work item) would bury the run's own
+        # progress; VLLM_LOGGING_LEVEL=INFO in the driver's environment brings them back.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         kwargs = {}
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization

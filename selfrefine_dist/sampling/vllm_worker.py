@@ -21,6 +21,7 @@ as it is packed: the exact tensor the kernel was built from.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List, Sequence
 
 import torch
@@ -28,6 +29,31 @@ import torch
 from selfrefine_dist.sampling.weights import NamedTensor, TensorMeta, tensor_sha256
 
 PACKED_SHA256_ATTR = "packed_weight_sha256"
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class KeptLayers(logging.Filter):
+    """Collects the layers vLLM's reload put back unchanged ("<Layer>: Failed to load weights": the
+    weights sent held none of their tensors) instead of letting each sync print them."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers: List[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.endswith(": Failed to load weights"):
+            self.layers.append(message.split(":")[0])
+            return False
+        return True
+
+
+def unexpected_kept_layers(kept: Sequence[str], tied_lm_head: bool) -> List[str]:
+    """Kept layers that hold weights the sync should have replaced. Expected ones: rotary embeddings
+    (a cos/sin cache computed from the config, in no state dict) and, when tied, the lm_head (the
+    embedding's tensor, whose packed copy ``_reprocess_tied_embeddings`` rebuilds)."""
+    return [name for name in kept
+            if "RotaryEmbedding" not in name and not (tied_lm_head and name == "ParallelLMHead")]
 
 
 def install_packed_weight_recorder() -> None:
@@ -94,9 +120,19 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         model = self.model_runner.model
-        with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            finalize_layerwise_reload(model, self.model_config)
-            _reprocess_tied_embeddings(model)
+        kept, reload_logger = KeptLayers(), logging.getLogger(RELOAD_LOGGER)
+        reload_logger.addFilter(kept)
+        try:
+            with set_current_vllm_config(self.vllm_config), torch.no_grad():
+                finalize_layerwise_reload(model, self.model_config)
+                _reprocess_tied_embeddings(model)
+        finally:
+            reload_logger.removeFilter(kept)
+        tied = bool(getattr(self.model_config.hf_config, "tie_word_embeddings", False))
+        missing = unexpected_kept_layers(kept.layers, tied)
+        if missing:
+            raise RuntimeError(f"weight sync: vLLM kept the previous weights of {len(missing)} layer(s) "
+                               f"({', '.join(sorted(set(missing)))}): the weights sent held none of their tensors")
 
     def weight_checksums(self) -> Dict[str, str]:
         """sha256 per parameter, vLLM naming. Vocabulary padding rows are left out (TP=1 layout)."""

@@ -23,12 +23,14 @@ import torch
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sft_dataset import SFTSlice, build_sft_data, collate
 from selfrefine_dist.data.sources import load_slices
-from selfrefine_dist.models.loading import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
+from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype, resolve_model_path
 from selfrefine_dist.models.logprobs import causal_nll_sum
 from selfrefine_dist.tracking import MetricsLogger, config_dict
 from selfrefine_dist.train import distributed as dist
 from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from selfrefine_dist.train.ds_config import deepspeed_config
+from selfrefine_dist.train.engine import AdamWSettings, grad_norm, load_model, optimizer_step, wrap
+from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
 from selfrefine_dist.train.export import export_hf
 from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
 
@@ -39,7 +41,7 @@ def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
     slices train the answer sentence alone. The per-slice report goes to ``out_dir``."""
     teacher_rationales = None
     if cfg.teach.enabled:  # the teacher's checked demonstrations (``selfrefine teach``) replace the data's own
-        from selfrefine_dist.refine.teach import demonstrations_path, read_demonstrations
+        from selfrefine_dist.data.demonstrations import demonstrations_path, read_demonstrations
 
         teacher_rationales = {ex.uid: ex.rationale for ex in read_demonstrations(demonstrations_path(out_dir.parent))}
     slices = []
@@ -64,19 +66,13 @@ def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
 
 
 def build_engine(cfg: Config, num_examples: int):
-    """Model (+LoRA), optimizer, LR schedule, wrapped in a DeepSpeed engine."""
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
+    """Model (+LoRA), AdamW and its warm-up/decay schedule in a DeepSpeed engine (``train/engine.py``)."""
     ds_cfg = deepspeed_config(
         cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.distributed.zero_stage,
         resolve_dtype(cfg.model.dtype), cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
     )
-    # While this object lives, from_pretrained loads ZeRO-3 partitions directly (no full copy per rank).
-    hf_ds_config = HfDeepSpeedConfig(ds_cfg) if cfg.distributed.zero_stage == 3 else None
-    model = load_causal_lm(resolve_model_path(cfg.model.name_or_path), "fp32", cfg.model.trust_remote_code,
-                           cfg.model.revision)
-    del hf_ds_config  # later from_config calls (export) must build ordinary models
+    model = load_model(resolve_model_path(cfg.model.name_or_path), ds_cfg, cfg.model.trust_remote_code,
+                       cfg.model.revision)
     if cfg.sft.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if cfg.sft.lora.enabled:
@@ -87,13 +83,8 @@ def build_engine(cfg: Config, num_examples: int):
                                                  target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
     plan = BatchPlan(num_examples, cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.run.seed)
     total_steps = plan.total_steps(cfg.sft.epochs, cfg.sft.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.sft.lr, betas=tuple(cfg.sft.adam_betas),
-                                  weight_decay=cfg.sft.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupThenDecay(cfg.sft.warmup_steps, total_steps, cfg.sft.lr_schedule)
-    )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    engine = wrap(model, ds_cfg, AdamWSettings(cfg.sft.lr, tuple(cfg.sft.adam_betas), cfg.sft.weight_decay),
+                  lr_lambda=WarmupThenDecay(cfg.sft.warmup_steps, total_steps, cfg.sft.lr_schedule))
     return engine, plan, total_steps
 
 
@@ -129,6 +120,7 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
     progress = _progress(range(start_step, stop_at), total_steps, start_step, cfg.logging.progress_bars)
     engine.train()
     for step in progress:
+        reset_peak_rss()
         t0 = time.perf_counter()
         micro_batches = [collate([sft_examples[i] for i in idx], tokenizer.pad_token_id)
                          for idx in plan.micro_batches(step, dist.rank())]
@@ -142,14 +134,15 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
                         dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).items()}
             nll = causal_nll_sum(engine, **batch_on)
             engine.backward(nll * scale)
-            engine.step()
+            optimizer_step(engine)
             nll_sum += nll.item()
             tokens += int(batch.attention_mask.sum())
         elapsed = time.perf_counter() - t0
         all_tokens = dist.all_reduce_sum(tokens, engine.device)
         loss = dist.all_reduce_sum(nll_sum, engine.device) / step_response_tokens
-        metrics = {"loss": loss, "lr": lr, "grad_norm": _grad_norm(engine),
-                   "tokens_per_s": all_tokens / elapsed, "step_s": elapsed, "epoch": step // plan.steps_per_epoch}
+        metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm(engine),
+                   "tokens_per_s": all_tokens / elapsed, "step_s": elapsed, "epoch": step // plan.steps_per_epoch,
+                   "peak_rss_gib": dist.all_reduce_max(peak_rss_bytes(), engine.device) / GIB}  # largest rank's
         if (step + 1) % cfg.sft.log_every == 0 or step + 1 == stop_at:
             logger.log(metrics, step=step + 1, stage="sft")
         if hasattr(progress, "set_postfix"):
@@ -164,11 +157,6 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
         dist.print0(f"exported {model_dir}")
     logger.finish()
     return model_dir
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
 
 
 def _progress(steps, total, start, enabled):

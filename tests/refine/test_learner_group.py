@@ -14,6 +14,7 @@ from selfrefine_dist.models.logprobs import causal_token_logprobs
 from selfrefine_dist.refine.learner import LearnerSpec
 from selfrefine_dist.refine.preference_data import collate_pairs, plan_round, tokenize_pairs
 from selfrefine_dist.refine.records import PreferencePair, examples_digest
+from selfrefine_dist.refine.sync import ObjectStoreSync
 from selfrefine_dist.sampling.pool import SamplerPool
 from selfrefine_dist.sampling.weights import expected_checksums
 
@@ -50,15 +51,16 @@ def trained(local_ray, tiny_model_dir, tmp_path_factory):
     plan = plan_round(examples, world_size=2, micro_batch_size=2, grad_accum=1, epochs=1, seed=0)
     group = LearnerGroup(spec_for(tiny_model_dir, str(tiny_model_dir)), num_learners=2, cpus_per_learner=1)
     refs = [local_ray.put(shard) for shard in plan.shards]
-    history = group.train_round(refs, round_idx=1)
+    history = [h.as_dict() for h in group.train_round(refs, round_idx=1)]  # TRL's metric names
     export_dir = tmp_path_factory.mktemp("dpo") / "model"
-    refs = group.publish_weights(str(export_dir), bucket_bytes=1 << 16)
-    buckets = [local_ray.get(r) for r in refs]
-    # the same buckets, from the learner's object store entries into a vLLM sampler actor
+    # the weights, through the object store into a vLLM sampler actor: the loop's sync on CPU
     pool = SamplerPool(SamplerConfig(backend="vllm", num_actors=1, cpus_per_actor=1, max_model_len=512),
                        str(tiny_model_dir), "fp32")
     checksums_before = pool.checksums()[0]
-    sync_s = pool.update_weights(refs, version=1)
+    timing = ObjectStoreSync(bucket_bytes=1 << 16).push(group, pool, str(export_dir), version=1)
+    sync_s = timing.transfer_s
+    assert timing.export_s > 0 and pool.version == 1
+    buckets = [local_ray.get(r) for r in pool._bucket_refs]  # what was sent (the pool keeps it for restarts)
     checksums_after, versions = pool.checksums()[0], pool.versions()
     sampler_peak_gib = local_ray.get(pool.actors[pool.live_actors[0]].peak_rss_gib.remote())
     pool.shutdown()
@@ -151,7 +153,7 @@ def layouts(local_ray, tiny_model_dir):
     for name, changes in LAYOUTS.items():
         group = LearnerGroup(dataclasses.replace(base, **changes), num_learners=2, cpus_per_learner=1)
         refs = [local_ray.put(shard) for shard in plan.shards]
-        rounds = [group.train_round(refs, round_idx=r) for r in (1, 2)]
+        rounds = [[h.as_dict() for h in group.train_round(refs, round_idx=r)] for r in (1, 2)]
         state = {n: t for ref in group.publish_weights(None, bucket_bytes=1 << 22) for n, t in local_ray.get(ref)}
         group.shutdown()
         out[name] = dict(rounds=rounds, state=state)

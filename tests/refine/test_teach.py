@@ -12,7 +12,8 @@ import pytest
 
 from selfrefine_dist.config import load_config
 from selfrefine_dist.data.sources import load_examples
-from selfrefine_dist.refine.teach import demonstrations_path, read_demonstrations, run_teach_stage
+from selfrefine_dist.data.demonstrations import demonstrations_path, read_demonstrations
+from selfrefine_dist.refine.teach import run_teach_stage
 
 QUESTIONS = load_examples("gsm8k", "offline", "test", limit=6)
 

@@ -51,3 +51,34 @@ def assert_complete(requests: List[GenerationRequest], results) -> None:
         assert len(texts) == request.n
         for text in texts:
             assert isinstance(text.text, str) and text.num_tokens >= 1 and text.finish_reason in ("stop", "length")
+
+
+def kill_processes_titled(title: str, count: int, timeout_s: float = 120.0) -> "threading.Thread":
+    """A started thread that SIGKILLs, from outside, the first ``count`` processes whose title (Ray sets
+    ``ray::Class.method`` while an actor runs a method) is ``title``; ``thread.killed`` lists their pids."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def run():
+        deadline = time.time() + timeout_s
+        while len(thread.killed) < count and time.time() < deadline:
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit() or int(entry) in thread.killed:
+                    continue
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        name = f.read().split(b"\0")[0].decode(errors="replace")
+                except OSError:
+                    continue
+                if name.strip() == title:
+                    os.kill(int(entry), signal.SIGKILL)
+                    thread.killed.append(int(entry))
+                    break
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.killed = []
+    thread.start()
+    return thread

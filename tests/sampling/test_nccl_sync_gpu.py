@@ -1,9 +1,11 @@
-"""NCCL weight broadcast from a learner process into a vLLM sampler actor (two GPUs, vLLM, Ray).
+"""``NcclSync`` (refine/sync.py): a learner's weights broadcast over NCCL into a vLLM sampler actor
+(two GPUs, vLLM, Ray; skipped elsewhere).
 
-NCCL cannot put two ranks on one GPU, so the learner and the sampler each take one.
+NCCL cannot put two ranks on one GPU, so the learner and the sampler each take one. The learner is a
+stand-in for rank 0 of a DeepSpeed group (a state dict and the four methods ``NcclSync`` calls on it):
+a ZeRO-3 learner needs DeepSpeed, which the GPU machine does not have; ``Learner``'s own methods are
+the same calls on the gathered state.
 """
-import socket
-
 import pytest
 import torch
 
@@ -17,19 +19,42 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 class LearnerRankZero:
     """Stands in for learner rank 0: holds a state dict and sends it bucket by bucket."""
 
-    def __init__(self, state_dict, bucket_bytes):
-        self.buckets = list(named_tensor_buckets(((k, v.cuda()) for k, v in state_dict.items()), bucket_bytes))
+    def __init__(self, state_dict):
+        self.state_dict = state_dict
 
-    def metas(self):
-        return [bucket_metas(bucket) for bucket in self.buckets]
+    def set_state(self, state_dict):  # what a DPO round does to the weights
+        self.state_dict = state_dict
 
-    def join(self, master_address, master_port, world_size):
+    def address(self):
+        import ray
+
+        from selfrefine_dist.train.distributed import free_port
+
+        return ray.util.get_node_ip_address(), free_port()
+
+    def join_weight_broadcast(self, master_address, master_port, world_size):
         from selfrefine_dist.sampling.nccl_sync import NcclWeightSender
 
         self.sender = NcclWeightSender(master_address, master_port, world_size)
 
-    def send(self, index):
+    def gather_for_broadcast(self, export_dir, bucket_bytes):
+        self.buckets = list(named_tensor_buckets(((k, v.cuda()) for k, v in self.state_dict.items()), bucket_bytes))
+        return [bucket_metas(bucket) for bucket in self.buckets]
+
+    def send_bucket(self, index):
         self.sender.send(self.buckets[index])
+
+
+class OneRankGroup:
+    """What NcclSync needs of a LearnerGroup: its actors and ``wait``."""
+
+    def __init__(self, actor):
+        self.actors = [actor]
+
+    def wait(self, refs, during):
+        import ray
+
+        return ray.get(list(refs))
 
 
 def test_broadcast_reaches_every_vllm_worker_bit_for_bit(tiny_model_dir):
@@ -37,6 +62,7 @@ def test_broadcast_reaches_every_vllm_worker_bit_for_bit(tiny_model_dir):
         pytest.skip("needs 2 GPUs: NCCL ranks cannot share one")
     pytest.importorskip("vllm")
     ray = pytest.importorskip("ray")
+    from selfrefine_dist.refine.sync import NcclSync
     from selfrefine_dist.sampling.pool import SamplerPool
     from selfrefine_dist.sampling.records import SamplingSettings
 
@@ -45,27 +71,15 @@ def test_broadcast_reaches_every_vllm_worker_bit_for_bit(tiny_model_dir):
         cfg = SamplerConfig(backend="vllm", num_actors=1, chunk_size=4, cpus_per_actor=1, gpus_per_actor=1,
                             max_model_len=512, gpu_memory_utilization=0.3)
         pool = SamplerPool(cfg, str(tiny_model_dir), "fp32")
-        state_dict = perturbed_state_dict(tiny_model_dir, seed=1)
-        learner = ray.remote(num_gpus=1)(LearnerRankZero).remote(state_dict, 64 * 1024)
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        address = ray.util.get_node_ip_address()
-
-        world_size, joined = pool.init_weight_broadcast(address, port)
-        ray.get(learner.join.remote(address, port, world_size))
-        ray.get(joined)
-        pool.begin_weight_broadcast()
-        metas = ray.get(learner.metas.remote())
-        assert len(metas) > 1  # several buckets
-        for index, bucket_meta in enumerate(metas):
-            received = pool.receive_weight_broadcast(bucket_meta)
-            ray.get(learner.send.remote(index))
-            ray.get(received)
-        pool.finish_weight_broadcast(version=1)
-
-        assert pool.versions() == [1]
-        assert pool.checksums() == [expected_checksums(state_dict, "vllm", "fp32", tie_word_embeddings=True)]
+        learners = OneRankGroup(ray.remote(num_gpus=1)(LearnerRankZero).remote(perturbed_state_dict(tiny_model_dir, 1)))
+        sync = NcclSync(bucket_bytes=64 * 1024)  # several buckets
+        for version in (1, 2):  # the second push reuses the NCCL group the first one set up
+            state_dict = perturbed_state_dict(tiny_model_dir, seed=version)
+            ray.get(learners.actors[0].set_state.remote(state_dict))
+            timing = sync.push(learners, pool, None, version=version)
+            assert timing.export_s >= 0 and timing.transfer_s > 0 and sync.joined == (id(learners), (0,))
+            assert pool.versions() == [version] and pool.version == version
+            assert pool.checksums() == [expected_checksums(state_dict, "vllm", "fp32", tie_word_embeddings=True)]
         requests = make_requests(tiny_model_dir, 3)
         results = pool.generate(requests, SamplingSettings(1.0, 1.0, 8, seed=0), progress=False)
         assert sorted(results) == sorted(r.key for r in requests)

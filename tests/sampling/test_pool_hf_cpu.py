@@ -5,7 +5,8 @@ from selfrefine_dist.sampling.pool import SamplerPool
 from selfrefine_dist.sampling.records import SamplingSettings
 from selfrefine_dist.sampling.weights import expected_checksums
 
-from sampling_helpers import assert_complete, make_requests, perturbed_state_dict, put_buckets, sampler_config
+from sampling_helpers import (assert_complete, kill_processes_titled, make_requests, perturbed_state_dict, put_buckets,
+                              sampler_config)
 
 pytestmark = pytest.mark.slow
 SETTINGS = SamplingSettings(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5)
@@ -53,3 +54,33 @@ def test_update_weights_then_checksums_match_the_sent_state_dict(pools, tiny_mod
     seconds = two.update_weights(put_buckets(state_dict), version=1)
     assert seconds > 0 and two.version == 1 and two.versions() == [1, 1]
     assert two.checksums() == [expected, expected]
+
+
+def test_an_actor_killed_while_it_starts_is_restarted_and_the_pool_starts(ray_cluster, tiny_model_dir):
+    import ray
+
+    killer = kill_processes_titled("ray::SamplerActor.__init__", count=1)
+    pool = SamplerPool(sampler_config("hf", num_actors=1), str(tiny_model_dir), "fp32")
+    killer.join()
+    try:
+        assert len(killer.killed) == 1  # killed once while building its backend; Ray restarted it
+        assert ray.get(pool.actors[0].ready.remote()) != killer.killed[0]  # a new process
+        requests = make_requests(tiny_model_dir, 3)
+        assert_complete(requests, pool.generate(requests, SETTINGS, progress=False))
+    finally:
+        pool.shutdown()
+
+
+def test_an_actor_killed_at_every_start_gives_up_after_max_restarts_naming_the_key(ray_cluster, tiny_model_dir):
+    config = sampler_config("hf", num_actors=1)  # max_restarts=2: three starts
+    killer = kill_processes_titled("ray::SamplerActor.__init__", count=config.max_restarts + 1)
+    with pytest.raises(RuntimeError, match=r"sampler actor 0 died 3 times while starting \(sampler.max_restarts=2\)"):
+        SamplerPool(config, str(tiny_model_dir), "fp32")
+    killer.join()
+
+
+def test_an_actor_whose_constructor_raises_fails_the_pool_at_once(ray_cluster, tmp_path):
+    import ray
+
+    with pytest.raises(ray.exceptions.ActorDiedError, match="creation task"):
+        SamplerPool(sampler_config("hf", num_actors=1), str(tmp_path / "no_model_here"), "fp32")

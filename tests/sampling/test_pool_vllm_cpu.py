@@ -107,3 +107,19 @@ def test_a_killed_actor_is_restarted_updated_and_its_work_item_retried(vllm_pool
     assert ray.get(victim.ready.remote()) != pid_before  # a new process
     assert vllm_pool.versions() == [3, 3]
     assert vllm_pool.checksums() == [expected, expected]
+
+
+def test_weights_missing_from_a_sync_are_an_error_not_a_warning(vllm_pool, tiny_model_dir):
+    """vLLM's reload keeps a layer's old tensors when the weights sent hold none of them and only warns
+    ("Failed to load weights"). The expected cases (rotary cache, tied lm_head) pass silently: every
+    sync above loaded without error and matched its checksums. A layer really left out fails the sync.
+    Last in the file: the pool's actors keep that layer's previous weights."""
+    from selfrefine_dist.sampling.vllm_worker import unexpected_kept_layers
+
+    assert unexpected_kept_layers(["RotaryEmbedding", "Llama3RotaryEmbedding", "ParallelLMHead"], True) == []
+    assert unexpected_kept_layers(["ParallelLMHead", "RowParallelLinear"], False) == ["ParallelLMHead",
+                                                                                      "RowParallelLinear"]
+    state_dict = perturbed_state_dict(tiny_model_dir, seed=4)
+    del state_dict["model.layers.0.mlp.down_proj.weight"]
+    with pytest.raises(Exception, match=r"kept the previous weights of 1 layer\(s\) \(RowParallelLinear\)"):
+        vllm_pool.update_weights(put_buckets(state_dict), version=4)

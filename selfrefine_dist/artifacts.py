@@ -5,7 +5,6 @@
     <run>/rounds/round_01/pairs.jsonl     the preference pairs built from them
     <run>/rounds/round_01/model/          the policy after the round (Hugging Face folder)
     <run>/rounds/round_01/summary.json    the round's metrics; written last: the round is done
-    <run>/learner/                        DeepSpeed checkpoints, one per finished round
 
 A write goes to ``<name>.tmp`` beside the file, is flushed to disk, then renamed over it. A full or
 read-only disk raises ``ArtifactWriteError`` naming the file; the temporary file is removed and the

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from selfrefine_dist.refine import artifacts
-from selfrefine_dist.refine.artifacts import ArtifactWriteError, read_json, read_jsonl, write_json, write_jsonl
+from selfrefine_dist import artifacts
+from selfrefine_dist.artifacts import ArtifactWriteError, read_json, read_jsonl, write_json, write_jsonl
 from selfrefine_dist.stages import Stage, StageLedger
 
 ROWS = [{"uid": f"q{i}", "text": "x" * 200, "reward": i % 2} for i in range(40)]  # about 10 KB

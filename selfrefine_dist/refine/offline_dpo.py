@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from selfrefine_dist import artifacts
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import DataError
-from selfrefine_dist.refine import artifacts
 from selfrefine_dist.refine.records import PreferencePair
 from selfrefine_dist.tracking import MetricsLogger, config_dict
 
@@ -35,7 +35,7 @@ def read_pairs(path: str) -> list:
 def run_dpo(cfg: Config, run_dir: Path) -> Path:
     from selfrefine_dist.models.loading import load_tokenizer
     from selfrefine_dist.refine.driver import learner_spec
-    from selfrefine_dist.refine.learner import DPOLearner
+    from selfrefine_dist.refine.learner import Learner
     from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
     from selfrefine_dist.train.distributed import free_port
 
@@ -44,7 +44,7 @@ def run_dpo(cfg: Config, run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     sft_model = str(run_dir / "sft" / "model")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    learner = DPOLearner(rank, world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    learner = Learner(rank, world, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     learner.setup(learner_spec(cfg, sft_model, world), os.environ.get("MASTER_ADDR", "127.0.0.1"),
                   int(os.environ.get("MASTER_PORT") or free_port()))
 
@@ -60,11 +60,11 @@ def run_dpo(cfg: Config, run_dir: Path) -> Path:
         print(f"dpo: {len(examples)} pairs (dropped {dropped or 'none'}), {plan.steps} steps, world {world}", flush=True)
     history = learner.train_round(plan.shards[rank], 1)
     for i, metrics in enumerate(history):
-        logger.log(metrics, step=i + 1, stage="dpo")
+        logger.log(metrics.as_dict(), step=i + 1, stage="dpo")
     learner.save(str(run_dir / "dpo" / "checkpoints"), 1)
     out = run_dir / "dpo" / "model"
     learner.publish_weights(str(out), bucket_bytes=0)
     if rank == 0:
-        print(f"dpo: loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}; exported {out}", flush=True)
+        print(f"dpo: loss {history[0].loss:.4f} -> {history[-1].loss:.4f}; exported {out}", flush=True)
     logger.finish()
     return out
