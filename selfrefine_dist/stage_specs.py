@@ -22,7 +22,8 @@ from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.stages import Stage
 
 # Keys of a section that do not change what a stage computes.
-SFT_BOOKKEEPING = ("save_every", "keep_checkpoints", "log_every", "stop_at_step")
+SFT_BOOKKEEPING = ("save_every", "keep_checkpoints", "log_every", "stop_at_step",
+                   "examples_per_forward")  # how a step is computed, not what it computes
 
 
 def examples_digest(examples: Sequence[ReasoningExample]) -> str:
@@ -104,6 +105,6 @@ def dpo_stage(cfg: Config, r: int, pairs_fp: str, start_fp: str, sft_fp: str, dt
     reference = sft_fp if d.reference == "sft" else start_fp
     return Stage(f"round_{r:02d}/dpo", {
         "pairs": pairs_fp, "start": start_fp, "reference": reference, "dtype": dtype,
-        "dpo": _section(d, ("pairs_file",)), "num_learners": cfg.refine.num_learners,
+        "dpo": _section(d, ("pairs_file", "pairs_per_forward")), "num_learners": cfg.refine.num_learners,
         "zero_stage": cfg.distributed.zero_stage, "max_len": cfg.data.max_len, "seed": cfg.run.seed,
     }, (f"{rd}/dpo_metrics.jsonl", f"{rd}/model"))

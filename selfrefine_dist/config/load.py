@@ -95,6 +95,10 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"key '{key}': must be >= 1, got {value}")
+    for key, per_forward, micro in (("sft.examples_per_forward", cfg.sft.examples_per_forward, cfg.sft.micro_batch_size),
+                                    ("dpo.pairs_per_forward", cfg.dpo.pairs_per_forward, cfg.dpo.micro_batch_size)):
+        if per_forward is not None and (per_forward < 1 or micro % per_forward):
+            raise ConfigError(f"key '{key}': must divide the micro-batch size ({micro}), got {per_forward}")
     if cfg.distributed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
     if cfg.refine.rounds < 0:

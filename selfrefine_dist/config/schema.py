@@ -109,6 +109,10 @@ class SFTConfig:
     # Save a checkpoint and exit after this step (a pre-emptible slot ends); null: run on.
     stop_at_step: Optional[int] = None
     micro_batch_size: int = 4
+    # Examples per forward/backward inside a micro-batch (a divisor of micro_batch_size), each a DeepSpeed
+    # micro-step; null: 1 on CPU (no padding to the micro-batch's longest example, the activations of one
+    # example at a time), the whole micro-batch on GPU. The step's loss and gradient do not depend on it.
+    examples_per_forward: Optional[int] = None
     grad_accum: int = 1
     lr: float = 1.0e-5
     weight_decay: float = 0.0
@@ -244,6 +248,9 @@ class DPOConfig:
     pairs_file: Optional[str] = None
     epochs: int = 1
     micro_batch_size: int = 2  # pairs per micro-batch per learner
+    # Pairs per forward/backward inside a micro-batch (a divisor of micro_batch_size); null: 1 on CPU, the
+    # whole micro-batch on GPU. The micro-batch's loss and gradient do not depend on it.
+    pairs_per_forward: Optional[int] = None
     grad_accum: int = 1
     lr: float = 5.0e-7
     weight_decay: float = 0.0

@@ -320,7 +320,7 @@ def learner_spec(cfg: Config, sft_model: str, world_size: int, policy_path: Opti
         gradient_checkpointing=d.gradient_checkpointing, beta=d.beta, loss_type=d.loss_type,
         label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
         fused_loss=d.fused_loss, shared_prompt=d.shared_prompt,
-        seed=cfg.run.seed, threads=learner_threads(world_size),
+        seed=cfg.run.seed, threads=learner_threads(world_size), pairs_per_forward=d.pairs_per_forward,
     )
 
 

@@ -35,7 +35,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from selfrefine_dist.refine.records import DPOStepMetrics, HeadInputs, ReferencedMicroBatch
-from selfrefine_dist.train.engine import AdamWSettings, grad_norm, load_model, optimizer_step, set_lr, wrap
+from selfrefine_dist.train.engine import (AdamWSettings, grad_norm, load_model, optimizer_step, resolve_per_forward,
+                                          set_lr, wrap)
 from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
 
 
@@ -132,7 +133,7 @@ class Learner:
             gc.collect()
         torch.manual_seed(spec.seed)
         self.spec = spec
-        self.pairs_per_forward = resolve_pairs_per_forward(spec.pairs_per_forward, spec.micro_batch_size)
+        self.pairs_per_forward = resolve_per_forward(spec.pairs_per_forward, spec.micro_batch_size, "pairs_per_forward")
         self.tokenizer = load_tokenizer(spec.policy_path, spec.trust_remote_code)
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
 
@@ -443,15 +444,6 @@ def reset_optimizer_state(engine) -> None:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
     optimizer.state.clear()
-
-
-def resolve_pairs_per_forward(pairs_per_forward: Optional[int], micro_batch_size: int) -> int:
-    """``LearnerSpec.pairs_per_forward`` made concrete: None is 1 on CPU, the micro-batch on GPU."""
-    if pairs_per_forward is None:
-        pairs_per_forward = micro_batch_size if torch.cuda.is_available() else 1
-    if pairs_per_forward < 1 or micro_batch_size % pairs_per_forward:
-        raise ValueError(f"pairs_per_forward ({pairs_per_forward}) must divide the micro-batch size ({micro_batch_size})")
-    return pairs_per_forward
 
 
 def response_lengths(batch) -> torch.Tensor:

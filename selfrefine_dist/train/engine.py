@@ -58,6 +58,17 @@ def wrap(model, ds_config: dict, optimizer: Optional[AdamWSettings] = None,
     return engine
 
 
+def resolve_per_forward(per_forward: Optional[int], micro_batch_size: int, key: str) -> int:
+    """Sequences (SFT examples, DPO pairs) per forward/backward inside a micro-batch: None is 1 on CPU
+    (matmuls need no batch there: no padding to the longest, the activations of one at a time), the
+    whole micro-batch on GPU. It must divide the micro-batch; ``key`` names the setting in the error."""
+    if per_forward is None:
+        per_forward = micro_batch_size if torch.cuda.is_available() else 1
+    if per_forward < 1 or micro_batch_size % per_forward:
+        raise ValueError(f"{key} ({per_forward}) must divide the micro-batch size ({micro_batch_size})")
+    return per_forward
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

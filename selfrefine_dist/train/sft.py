@@ -29,7 +29,8 @@ from selfrefine_dist.tracking import MetricsLogger, config_dict
 from selfrefine_dist.train import distributed as dist
 from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
 from selfrefine_dist.train.ds_config import deepspeed_config
-from selfrefine_dist.train.engine import AdamWSettings, grad_norm, load_model, optimizer_step, wrap
+from selfrefine_dist.train.engine import (AdamWSettings, grad_norm, load_model, optimizer_step, resolve_per_forward,
+                                          wrap)
 from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
 from selfrefine_dist.train.export import export_hf
 from selfrefine_dist.train.schedule import BatchPlan, WarmupThenDecay
@@ -66,9 +67,14 @@ def prepare_sft_data(cfg: Config, tokenizer, out_dir: Path):
 
 
 def build_engine(cfg: Config, num_examples: int):
-    """Model (+LoRA), AdamW and its warm-up/decay schedule in a DeepSpeed engine (``train/engine.py``)."""
+    """Model (+LoRA), AdamW and its warm-up/decay schedule in a DeepSpeed engine (``train/engine.py``).
+
+    DeepSpeed's micro-step is one forward part of a micro-batch (``sft.examples_per_forward`` examples):
+    a step is ``grad_accum`` micro-batches of ``micro_batch_size / examples_per_forward`` parts each."""
+    per_forward = resolve_per_forward(cfg.sft.examples_per_forward, cfg.sft.micro_batch_size, "sft.examples_per_forward")
+    parts = cfg.sft.micro_batch_size // per_forward
     ds_cfg = deepspeed_config(
-        cfg.sft.micro_batch_size, cfg.sft.grad_accum, dist.world_size(), cfg.distributed.zero_stage,
+        per_forward, cfg.sft.grad_accum * parts, dist.world_size(), cfg.distributed.zero_stage,
         resolve_dtype(cfg.model.dtype), cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
     )
     model = load_model(resolve_model_path(cfg.model.name_or_path), ds_cfg, cfg.model.trust_remote_code,
@@ -122,14 +128,16 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
     for step in progress:
         reset_peak_rss()
         t0 = time.perf_counter()
-        micro_batches = [collate([sft_examples[i] for i in idx], tokenizer.pad_token_id)
-                         for idx in plan.micro_batches(step, dist.rank())]
-        step_response_tokens = dist.all_reduce_sum(sum(b.num_response_tokens for b in micro_batches), engine.device)
-        # engine.backward divides by grad_accum and gradients are averaged over ranks: undo both so the
-        # step's gradient is d(sum of NLL over the whole step) / (response tokens of the whole step).
-        scale = plan.grad_accum * dist.world_size() / step_response_tokens
+        per_forward = engine.train_micro_batch_size_per_gpu()  # examples per forward part
+        parts = [collate([sft_examples[i] for i in idx[k:k + per_forward]], tokenizer.pad_token_id)
+                 for idx in plan.micro_batches(step, dist.rank()) for k in range(0, len(idx), per_forward)]
+        step_response_tokens = dist.all_reduce_sum(sum(b.num_response_tokens for b in parts), engine.device)
+        # engine.backward divides by its accumulation steps (grad_accum x parts per micro-batch) and gradients
+        # are averaged over ranks: undo both so the step's gradient is d(sum of NLL over the whole step) /
+        # (response tokens of the whole step), however the step is cut into parts.
+        scale = engine.gradient_accumulation_steps() * dist.world_size() / step_response_tokens
         nll_sum, tokens, lr = 0.0, 0, engine.get_lr()[0]
-        for batch in micro_batches:
+        for batch in parts:
             batch_on = {k: v.to(engine.device) for k, v in
                         dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).items()}
             nll = causal_nll_sum(engine, **batch_on)

@@ -61,7 +61,7 @@ def test_unchanged_rerun_redoes_nothing(first_run):
     config, run_dir, _ = first_run
     before = (run_dir / "rounds" / "round_01" / "dpo_metrics.jsonl").stat().st_mtime_ns
     stdout = selfrefine(config, run_dir)
-    assert "computing" not in stdout and "launching:" not in stdout, stdout
+    assert "computing" not in stdout and "stage sft: computing" not in stdout, stdout
     assert "round 1: done earlier" in stdout
     assert (run_dir / "rounds" / "round_01" / "dpo_metrics.jsonl").stat().st_mtime_ns == before
 
@@ -71,7 +71,7 @@ def test_dpo_key_reruns_the_round_from_dpo_not_sft_or_sampling(first_run):
     samples = (run_dir / "rounds" / "round_01" / "samples.jsonl").read_text()
     stdout = selfrefine(config, run_dir, "dpo.lr=2.0e-3")
     d = decisions(stdout)
-    assert d["sft"] == "reused" and d["eval/sft"] == "reused" and "launching:" not in stdout
+    assert d["sft"] == "reused" and d["eval/sft"] == "reused" and "sft: on 2 Ray learners" not in stdout
     assert d["round_01/samples"] == "reused" and d["round_01/pairs"] == "reused"
     assert d["round_01/dpo"] == "computing" and d["eval/round_1"] == "computing"
     assert "dpo.lr: 0.001 -> 0.002" in stdout  # the console says which key made it stale
@@ -98,7 +98,7 @@ def test_sweep_over_a_dpo_key_shares_one_sft(first_run):
            "--grid", "dpo.lr=[1.0e-3,2.0e-3]", "--dir", str(root)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-6000:]
-    assert "launching:" not in out.stdout  # no variant trained an SFT of its own
+    assert "sft: on 2 Ray learners" not in out.stdout  # no variant trained an SFT of its own
     names = ["lr=0.001", "lr=0.002"]
     for name in names:
         assert (root / name / "sft").is_symlink() and (root / name / "sft").resolve() == (run_dir / "sft").resolve()
@@ -114,5 +114,5 @@ def test_sft_key_reruns_everything(first_run):
     stdout = selfrefine(config, run_dir, "dpo.lr=2.0e-3", "sampler.temperature=0.7", "sft.lr=1.0e-3",
                         "refine.rounds=0")
     d = decisions(stdout)
-    assert d["sft"] == "computing" and d["eval/sft"] == "computing" and "launching:" in stdout
+    assert d["sft"] == "computing" and d["eval/sft"] == "computing" and "sft: on 2 Ray learners" in stdout
     assert "sft.lr: 0.002 -> 0.001" in stdout

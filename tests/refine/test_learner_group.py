@@ -200,7 +200,8 @@ def test_part_by_part_gradients_need_a_loss_that_does_not_couple_pairs():
     from types import SimpleNamespace
 
     from selfrefine_dist.losses import dpo_loss
-    from selfrefine_dist.refine.learner import _check_parts_separable, resolve_pairs_per_forward
+    from selfrefine_dist.refine.learner import _check_parts_separable
+    from selfrefine_dist.train.engine import resolve_per_forward
 
     ref_c, ref_r = torch.tensor([-5.0, -6.0, -7.0, -8.0]), torch.tensor([-5.5, -6.5, -7.5, -8.5])
     lengths = torch.tensor([3, 4, 5, 6])
@@ -214,7 +215,7 @@ def test_part_by_part_gradients_need_a_loss_that_does_not_couple_pairs():
     with pytest.raises(ValueError, match="couples pairs"):  # a softmax over the pairs' margins couples them
         _check_parts_separable(lambda c, r: SimpleNamespace(loss=torch.logsumexp(c - r, 0)), ref_c, ref_r, chosen,
                                rejected)
-    assert resolve_pairs_per_forward(None, 4) == (4 if torch.cuda.is_available() else 1)
-    assert resolve_pairs_per_forward(2, 4) == 2
-    with pytest.raises(ValueError, match="must divide"):
-        resolve_pairs_per_forward(3, 4)
+    assert resolve_per_forward(None, 4, "dpo.pairs_per_forward") == (4 if torch.cuda.is_available() else 1)
+    assert resolve_per_forward(2, 4, "dpo.pairs_per_forward") == 2
+    with pytest.raises(ValueError, match=r"dpo.pairs_per_forward \(3\) must divide"):
+        resolve_per_forward(3, 4, "dpo.pairs_per_forward")

@@ -109,7 +109,7 @@ def sync_run(setup, tmp_path_factory):
 
 def test_two_sync_rounds_end_to_end(sync_run):
     run_dir, stdout = sync_run
-    assert "stage sft: reused" in stdout and "launching:" not in stdout  # the shared SFT, not trained again
+    assert "stage sft: reused" in stdout and "stage sft: computing" not in stdout  # the shared SFT, not trained again
     arts = artifacts_of(run_dir)
     assert list(arts) == ["round_01", "round_02"]
     for i, (name, a) in enumerate(arts.items(), start=1):
@@ -182,7 +182,7 @@ def test_killed_driver_resumes_to_the_same_artifacts(setup, sync_run, tmp_path):
     assert not (run_dir / "rounds" / "round_02" / "summary.json").exists()
 
     out = run(cmd)
-    assert "round 1: done earlier" in out.stdout and "launching:" not in out.stdout
+    assert "round 1: done earlier" in out.stdout and "stage sft: computing" not in out.stdout
     got, want = artifacts_of(run_dir), artifacts_of(reference_dir)
     assert list(got) == list(want)
     for name in want:
@@ -256,7 +256,7 @@ def test_killed_learners_stop_the_run_naming_the_rank_and_the_rerun_ends_with_th
     # 3. Without faults the round finishes, with the uninterrupted run's weights.
     out = run(cmd)
     assert "round 1: done earlier" in out.stdout and "stage round_02/dpo: resuming" in out.stdout
-    assert "launching:" not in out.stdout  # SFT reused
+    assert "stage sft: computing" not in out.stdout  # SFT reused
     assert ledger(run_dir)["round_02/summary"] == "done"
     for name in ("samples.jsonl", "pairs.jsonl"):
         assert (run_dir / "rounds" / "round_02" / name).read_text() == \

@@ -53,14 +53,21 @@ def test_stop_and_resume_gives_the_same_next_losses(reference_run, tiny_model_di
 
 
 def test_gradient_accumulation_invariance(reference_run, tiny_model_dir, tmp_path):
-    one_by_four, four_by_one = tmp_path / "b1xa4", tmp_path / "b4xa1"
+    # micro-batches of 4 run as 4 forward parts on CPU (sft.examples_per_forward: null); whole_four as one
+    one_by_four, four_by_one, whole_four = tmp_path / "b1xa4", tmp_path / "b4xa1", tmp_path / "b4xa1_whole"
     run_cli(one_by_four, tiny_model_dir, "sft.micro_batch_size=1", "sft.grad_accum=4", "sft.max_steps=3")
     run_cli(four_by_one, tiny_model_dir, "sft.micro_batch_size=4", "sft.grad_accum=1", "sft.max_steps=3")
+    run_cli(whole_four, tiny_model_dir, "sft.micro_batch_size=4", "sft.grad_accum=1", "sft.max_steps=3",
+            "sft.examples_per_forward=4")
     a, b, ref = sft_metrics(one_by_four), sft_metrics(four_by_one), sft_metrics(reference_run)
+    whole = sft_metrics(whole_four)
     for step in (1, 2, 3):
         assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-4), step
         assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-3), step
         assert a[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step  # batch 2 x accumulation 2
+        assert whole[step]["loss"] == pytest.approx(b[step]["loss"], rel=1e-4), step  # padded batch = parts
+        assert whole[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=1e-3), step
+        assert whole[step]["tokens_per_s"] > 0 and whole[step]["peak_rss_gib"] > 0
 
 
 def test_exported_model_loads_and_generates(reference_run, tiny_model_dir):
