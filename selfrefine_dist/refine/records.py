@@ -197,11 +197,12 @@ class DPOStepMetrics:
     grad_norm: float
     step_s: float
     tokens_per_s: float  # all ranks' tokens (pairs as two sequences) per second
-    step_cpu_s: float  # CPU seconds of the step, all ranks' processes together
-    peak_rss_gib: float  # largest peak resident memory of any rank during the step
-    reference_s: float  # the round's reference pass (loading, log-probs, freeing), the same on every step
-    reference_peak_rss_gib: float
-    shared_prompt: bool  # packed rows: the prompt ran once per pair
+    # With defaults: rows written before these existed read back (a rerun reusing an older round).
+    reference_s: float = float("nan")  # the round's reference pass (loading, log-probs, freeing), on every step
+    shared_prompt: bool = False  # packed rows: the prompt ran once per pair
+    step_cpu_s: float = float("nan")  # CPU seconds of the step, all ranks' processes together
+    peak_rss_gib: float = float("nan")  # largest peak resident memory of any rank during the step
+    reference_peak_rss_gib: float = float("nan")
     nll_loss: Optional[float] = None  # RPO's NLL term on the chosen responses, when rpo_alpha is set
 
     def as_dict(self) -> dict:
@@ -216,7 +217,7 @@ class DPOStepMetrics:
         """A row of ``dpo_metrics.jsonl``, back."""
         by_name = {trl: name for name, trl in _TRL_NAMES.items()}
         values = {by_name.get(k, k): v for k, v in row.items()}
-        values["shared_prompt"] = bool(values["shared_prompt"])
+        values["shared_prompt"] = bool(values.get("shared_prompt", False))
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
