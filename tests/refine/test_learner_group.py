@@ -137,8 +137,10 @@ def test_sampler_holds_the_learners_weights_after_sync(trained, tiny_model_dir):
 #   parts   ZeRO-3, one pair per forward (the CPU default): part by part, each a DeepSpeed micro-step
 #   stage0  ZeRO stage 0 (what one CPU learner uses), one pair per forward
 # rpo_alpha is on: its NLL term is normalised over the whole micro-batch, the hardest case for parts.
+#   bf16    the parts layout in bf16 (what dtype: auto picks where the CPU multiplies bf16 fast)
 LAYOUTS = {"whole": dict(zero_stage=3, pairs_per_forward=4), "parts": dict(zero_stage=3, pairs_per_forward=1),
-           "stage0": dict(zero_stage=0, pairs_per_forward=1)}
+           "stage0": dict(zero_stage=0, pairs_per_forward=1), "bf16": dict(zero_stage=3, pairs_per_forward=1,
+                                                                           dtype="bf16")}
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,23 @@ def test_layouts_train_like_the_whole_micro_batch(layouts, name, tiny_model_dir)
     worst = max(apart, key=apart.get)
     print(f"{name}: weights apart / moved, worst {worst}: {apart[worst]:.2e}")
     assert apart[worst] <= 5e-3, (worst, apart[worst])
+
+
+def test_bf16_learners_train_like_fp32_to_bf16_rounding(layouts):
+    """The same pairs and steps in bf16 and fp32 (RPO alpha 0.5: the loss is DPO's plus half the chosen
+    paths' NLL): before the first update policy and reference agree, so the margin is 0 in both; log-probs
+    and losses agree to bf16's rounding (8 mantissa bits, about 0.4% per operation; a sum over a
+    response's tokens keeps the relative error at that order)."""
+    want, got = layouts["parts"], layouts["bf16"]
+    first_w, first_g = want["rounds"][0][0], got["rounds"][0][0]
+    assert first_g["rewards/margins"] == pytest.approx(0.0, abs=2e-2)
+    for key in ("logps/chosen", "logps/rejected", "loss", "nll_loss"):
+        assert first_g[key] == pytest.approx(first_w[key], rel=2e-2), (key, first_g[key], first_w[key])
+    for w, g in zip(want["rounds"][0], got["rounds"][0]):
+        assert g["loss"] == pytest.approx(w["loss"], rel=5e-2), (g["loss"], w["loss"])
+        assert math.isfinite(g["grad_norm"])
+    assert got["rounds"][0][-1]["loss"] < got["rounds"][0][0]["loss"]  # bf16 training lowers the loss too
+    assert all(t.dtype == torch.bfloat16 for t in got["state"].values())  # what the samplers receive
 
 
 def test_part_by_part_gradients_need_a_loss_that_does_not_couple_pairs():
