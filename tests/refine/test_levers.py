@@ -28,6 +28,9 @@ class RecordingPool:
         self.version, self.settings = 0, []
         self.last_stats = SimpleNamespace(tokens_per_s=1.0, seconds=1.0, retried_items=0)
 
+    def peak_rss_gib(self):
+        return 0.5
+
     def generate(self, requests, settings, progress=False):
         self.settings.append(settings)
         return {r.key: [SimpleNamespace(text="1 + 2 = 3.\nThe answer is 3.", num_tokens=9, finish_reason="stop")]
