@@ -6,7 +6,8 @@ Every stage is fingerprinted (``stages.py``; the keys each depends on in ``stage
 reuses what did not change, recomputes from the first stage a change touches, and continues a stage
 cut off half-way. SFT runs on the Ray learner group that then runs the DPO rounds
 (``distributed.launcher: ray``), or on processes started by torchrun or the deepspeed launcher; sampling
-and evaluation run on Ray sampler actors (a local Ray, or the cluster named by ``ray.address``). The sampler pool starts on first use: a rerun that reuses everything starts no engine.
+and evaluation run on Ray sampler actors (a local Ray, or the cluster named by ``ray.address``). The
+sampler pool starts on first use: a rerun that reuses everything starts no engine.
 """
 from __future__ import annotations
 
