@@ -22,3 +22,8 @@ def start_ray(cfg: Config) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=True)
+
+
+def placement_line(role: str, placement) -> str:
+    """``placement`` ([(Ray node id, pid)] per actor) as the console names it: "rank 0: node 8a443423 pid 3075, ..."."""
+    return ", ".join(f"{role} {i}: node {node[:8]} pid {pid}" for i, (node, pid) in enumerate(placement))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from selfrefine_dist import artifacts
-from selfrefine_dist.cluster import start_ray
+from selfrefine_dist.cluster import placement_line, start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.sources import load_slices
 from selfrefine_dist.eval.evaluate import EvalResult, comparison_table, evaluate_with_pool, read_result, write_result
@@ -49,8 +49,7 @@ class Samplers:
             self._pool = SamplerPool(self.cfg.sampler, self.model_path, resolve_dtype(self.cfg.model.dtype),
                                      self.cfg.model.trust_remote_code, resources=self.cfg.ray.sampler_resources)
             self._pool.version = self.first_version
-            print("samplers at " + ", ".join(f"actor {i}: node {node[:8]} pid {pid}"
-                                             for i, (node, pid) in enumerate(self._pool.placement())), flush=True)
+            print("samplers at " + placement_line("actor", self._pool.placement()), flush=True)
             self.start_s = time.perf_counter() - t0
         return self._pool
 
@@ -169,8 +168,7 @@ def sft_on_ray(cfg: Config, run_dir: Path, config_file: Path):
     group = LearnerGroup(None, n, r.cpus_per_learner, r.gpus_per_learner, env=learner_env(n),
                          backend=cfg.distributed.backend, threads=learner_threads(n),
                          resources=cfg.ray.learner_resources)
-    where = ", ".join(f"rank {i}: node {node[:8]} pid {pid}" for i, (node, pid) in enumerate(group.placement()))
-    print(f"sft: on {n} Ray learners ({where})", flush=True)
+    print(f"sft: on {n} Ray learners ({placement_line('rank', group.placement())})", flush=True)
     try:
         group.train_sft(str(config_file), str(run_dir))
     except LearnerDied as e:  # LearnerGroup.wait has stopped the group; the ledger says SFT "started"

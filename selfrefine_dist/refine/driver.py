@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import ray
 
 from selfrefine_dist import artifacts
-from selfrefine_dist.cluster import start_ray
+from selfrefine_dist.cluster import placement_line, start_ray
 from selfrefine_dist.config import Config
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import render_prompt
@@ -202,8 +202,7 @@ class SelfRefineLoop:
             start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs
             self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
                                          env=learner_env(r.num_learners), resources=self.cfg.ray.learner_resources)
-            print("dpo: learners at " + ", ".join(f"rank {i}: node {node[:8]} pid {pid}"
-                                                  for i, (node, pid) in enumerate(self.learners.placement())), flush=True)
+            print("dpo: learners at " + placement_line("rank", self.learners.placement()), flush=True)
         self.learners_at = self.model_fps[version]
         return self.learners
 

@@ -333,10 +333,9 @@ class Learner:
         return {k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}
 
     def _max_over_ranks(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
+        from selfrefine_dist.train import distributed as dist
+
+        return dist.all_reduce_max(value, self._device())
 
     def _sum_over_ranks(self, value: float) -> float:
         from selfrefine_dist.train import distributed as dist

@@ -62,18 +62,19 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_sum(value: float | int, device: torch.device) -> float:
+def _all_reduce(value: float | int, device: torch.device, op) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
+        torch.distributed.all_reduce(t, op=op)
     return float(t.item())
+
+
+def all_reduce_sum(value: float | int, device: torch.device) -> float:
+    return _all_reduce(value, device, torch.distributed.ReduceOp.SUM)
 
 
 def all_reduce_max(value: float | int, device: torch.device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t.item())
+    return _all_reduce(value, device, torch.distributed.ReduceOp.MAX)
 
 
 def device() -> torch.device:
