@@ -20,8 +20,10 @@ def start_ray(cfg: Config) -> None:
     if cfg.ray.address:
         ray.init(address=cfg.ray.address)
     else:
+        # No idle workers started ahead: they import Ray on the cores the first sampler is using (10 s of
+        # a 2-core round's sampling, benchmarks/round.py); each actor starts its own worker anyway.
         ray.init(num_cpus=cfg.ray.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, _system_config={"prestart_worker_first_driver": False})
 
 
 def placement_line(role: str, placement) -> str:

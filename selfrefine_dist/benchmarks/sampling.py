@@ -9,8 +9,8 @@ with ``SamplingParams(n=samples)``. ``vllm`` / ``hf``: one SamplerActor in Ray h
 (``--cpus``, default all), the whole set of prompts as one work item (vLLM schedules it continuously;
 HF ``generate`` runs it as one padded batch of prompts x samples). The methods run one after the other,
 never together. A small warm-up call precedes the timed ones; engine start is reported apart. Tokens are
-generated tokens, end-of-sequence tokens included; each repeat uses another seed, and the fastest
-repeat is reported.
+generated tokens, end-of-sequence tokens included; each repeat draws other samples (ours: another
+seed; raw vLLM: its engine's generator moves on), and the fastest repeat is reported.
 """
 from __future__ import annotations
 
@@ -59,31 +59,36 @@ def measure(backend: str, model_path: str, requests, args) -> dict:
     return {"backend": backend, "start_s": start_s, "stats": best}
 
 
-RAW_VLLM = r"""
+# A plain script's vLLM engine (no Ray, no actor), its settings from the JSON in argv[1]: the peer of our
+# samplers here and in benchmarks/round.py.
+VLLM_SCRIPT_ENGINE = r"""
 import json, os, sys, time
-args = json.loads(sys.argv[1])
-os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(args["kv_cache_gib"])
-os.environ["OMP_NUM_THREADS"] = str(args["cpus"])
+spec = json.loads(sys.argv[1])
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(spec["kv_cache_gib"])
+os.environ["OMP_NUM_THREADS"] = str(spec["cpus"])
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 import torch
 from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-torch.set_num_threads(args["cpus"])
+torch.set_num_threads(spec["cpus"])
 t0 = time.perf_counter()
-llm = LLM(model=args["model"], dtype={"fp32": "float32", "bf16": "bfloat16"}[args["dtype"]], max_model_len=1024,
-          seed=0, enforce_eager=not torch.cuda.is_available())
+llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=spec["seed"],
+          enforce_eager=not torch.cuda.is_available())
 start_s = time.perf_counter() - t0
-prompts = [TokensPrompt(prompt_token_ids=ids) for ids in args["prompt_ids"]]
-def run(n, max_tokens, seed):
-    params = SamplingParams(n=n, temperature=args["temperature"], top_p=args["top_p"], max_tokens=max_tokens,
-                            seed=seed)
+"""
+
+RAW_VLLM = VLLM_SCRIPT_ENGINE + r"""
+from vllm.inputs import TokensPrompt
+prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec["prompt_ids"]]
+def run(n, max_tokens):
+    # The engine's seed only: a per-request seed makes vLLM's CPU build fail ("CPU Generator does not use offset")
+    params = SamplingParams(n=n, temperature=spec["temperature"], top_p=spec["top_p"], max_tokens=max_tokens)
     t = time.perf_counter()
     out = llm.generate(prompts, params, use_tqdm=False)
     return sum(len(o.token_ids) for r in out for o in r.outputs), time.perf_counter() - t
-run(args["samples"], 8, 10**6)  # warm-up
+run(spec["samples"], 8)  # warm-up
 best = None
-for repeat in range(args["repeats"]):
-    tokens, seconds = run(args["samples"], args["max_new_tokens"], repeat)
+for repeat in range(spec["repeats"]):
+    tokens, seconds = run(spec["samples"], spec["max_new_tokens"])
     print(f"  raw_vllm repeat {repeat}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s)", flush=True)
     if best is None or tokens / seconds > best[0] / best[1]:
         best = (tokens, seconds)
@@ -102,7 +107,8 @@ def measure_raw_vllm(model_path: str, requests, args) -> dict:
 
     tokenizer = load_tokenizer(model_path)
     prompt_ids = [tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
-    spec = dict(model=model_path, dtype=args.dtype, kv_cache_gib=args.kv_cache_gib, cpus=args.cpus,
+    spec = dict(model=model_path, dtype={"fp32": "float32", "bf16": "bfloat16"}[args.dtype], max_model_len=1024,
+                seed=0, kv_cache_gib=args.kv_cache_gib, cpus=args.cpus,
                 prompt_ids=prompt_ids, samples=args.samples, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, repeats=args.repeats)
     out = subprocess.run([sys.executable, "-c", RAW_VLLM, json.dumps(spec)], capture_output=True, text=True,

@@ -99,8 +99,8 @@ def _check_values(cfg: Config) -> None:
                                     ("dpo.pairs_per_forward", cfg.dpo.pairs_per_forward, cfg.dpo.micro_batch_size)):
         if per_forward is not None and (per_forward < 1 or micro % per_forward):
             raise ConfigError(f"key '{key}': must divide the micro-batch size ({micro}), got {per_forward}")
-    if cfg.distributed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"key 'distributed.zero_stage': expected 0, 1, 2 or 3, got {cfg.distributed.zero_stage}")
+    if cfg.distributed.zero_stage not in (None, 0, 1, 2, 3):
+        raise ConfigError(f"key 'distributed.zero_stage': expected 0, 1, 2, 3 or null, got {cfg.distributed.zero_stage}")
     if cfg.refine.rounds < 0:
         raise ConfigError(f"key 'refine.rounds': must be >= 0, got {cfg.refine.rounds}")
     if not 0.0 < cfg.sampler.top_p <= 1.0:

@@ -143,7 +143,8 @@ class DistributedConfig:
     launcher: str = choice("ray", "ray", "torchrun", "deepspeed")
     # auto: nccl on CUDA, gloo on CPU.
     backend: str = choice("auto", "auto", "nccl", "gloo")
-    zero_stage: int = 3
+    # ZeRO stage of the learners; null: 0 on one rank (nothing to partition, no flat fp32 copies), 3 on several.
+    zero_stage: Optional[int] = None
     offload_optimizer: bool = False
     master_port: int = 0  # 0: pick a free port
 

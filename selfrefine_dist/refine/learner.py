@@ -49,7 +49,7 @@ class LearnerSpec:
     dtype: str  # "fp32", "bf16" or "fp16" (already resolved from "auto")
     trust_remote_code: bool
     backend: str  # "auto", "gloo" or "nccl"
-    zero_stage: int
+    zero_stage: Optional[int]  # None: 0 for one rank, 3 for several (ds_config.resolve_zero_stage)
     offload_optimizer: bool
     micro_batch_size: int
     grad_accum: int
@@ -138,12 +138,16 @@ class Learner:
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
 
     def _engine(self, path: str, with_optimizer: bool):
-        from selfrefine_dist.train.ds_config import deepspeed_config
+        from selfrefine_dist.train.ds_config import deepspeed_config, resolve_zero_stage
 
         s = self.spec
         # DeepSpeed's micro-step is one forward part of a micro-batch (``_train_micro_batch``)
         parts = s.micro_batch_size // self.pairs_per_forward
-        ds_cfg = deepspeed_config(self.pairs_per_forward, s.grad_accum * parts, self.world_size, s.zero_stage,
+        # A frozen reference has no optimizer state to partition: stages 1 and 2 shard only that, so it runs
+        # unsharded (stage 0); stage 3 shards its weights too.
+        stage = resolve_zero_stage(s.zero_stage, self.world_size)
+        stage = stage if with_optimizer or stage == 3 else 0
+        ds_cfg = deepspeed_config(self.pairs_per_forward, s.grad_accum * parts, self.world_size, stage,
                                   s.dtype, s.max_grad_norm, s.offload_optimizer and with_optimizer)
         model = load_model(path, ds_cfg, s.trust_remote_code)
         if not with_optimizer:

@@ -10,6 +10,8 @@ import socket
 
 import torch
 
+from selfrefine_dist.train.memory import return_large_blocks_to_os
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -34,6 +36,8 @@ def init_distributed(backend: str = "auto") -> None:
         deepspeed.init_distributed(dist_backend=resolve_backend(backend), auto_mpi_discovery=False)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
+    else:  # weights, gradients and optimizer state live in host memory: give back what is freed
+        return_large_blocks_to_os()
 
 
 def rank() -> int:

@@ -1,6 +1,16 @@
 """The DeepSpeed config dict for a learner, built from plain values."""
 from __future__ import annotations
 
+from typing import Optional
+
+
+def resolve_zero_stage(zero_stage: Optional[int], world_size: int) -> int:
+    """``distributed.zero_stage``; None: 0 for one rank (ZeRO has nothing to partition there, and stage 0
+    keeps no flat copies of weights and gradients), 3 for several."""
+    if zero_stage is not None:
+        return zero_stage
+    return 0 if world_size == 1 else 3
+
 
 def deepspeed_config(
     micro_batch_size: int,

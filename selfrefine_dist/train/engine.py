@@ -18,6 +18,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from selfrefine_dist.train.memory import trim_heap
+
 
 @dataclass(frozen=True)
 class AdamWSettings:
@@ -51,8 +53,9 @@ def wrap(model, ds_config: dict, optimizer: Optional[AdamWSettings] = None,
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
         return engine
+    # fused: one kernel per parameter, no temporaries the size of each parameter (CPU and CUDA alike)
     adamw = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=optimizer.lr,
-                              betas=tuple(optimizer.betas), weight_decay=optimizer.weight_decay)
+                              betas=tuple(optimizer.betas), weight_decay=optimizer.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda) if lr_lambda is not None else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=adamw, lr_scheduler=scheduler, config=ds_config)
     return engine
@@ -77,11 +80,14 @@ def set_lr(engine, lr: float) -> None:
 def optimizer_step(engine) -> None:
     """``engine.step()`` (a micro-step; the optimizer steps at the accumulation boundary), keeping the
     gradient norm where DeepSpeed keeps none: ZeRO stage 0 in fp32 runs the torch optimizer unwrapped,
-    its gradients already reduced over ranks here."""
-    if engine.optimizer is engine.basic_optimizer and engine.is_gradient_accumulation_boundary():
+    its gradients already reduced over ranks here. On CPU the heap is trimmed after each optimizer step."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    if engine.optimizer is engine.basic_optimizer and boundary:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         engine.selfrefine_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
     engine.step()
+    if boundary and not torch.cuda.is_available():
+        trim_heap()  # the step's freed activations and gradient copies, back to the OS before the next peak
 
 
 def grad_norm(engine) -> float:

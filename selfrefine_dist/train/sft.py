@@ -28,7 +28,7 @@ from selfrefine_dist.models.logprobs import causal_nll_sum
 from selfrefine_dist.tracking import MetricsLogger, config_dict
 from selfrefine_dist.train import distributed as dist
 from selfrefine_dist.train.checkpoint import latest_step, load_checkpoint, save_checkpoint
-from selfrefine_dist.train.ds_config import deepspeed_config
+from selfrefine_dist.train.ds_config import deepspeed_config, resolve_zero_stage
 from selfrefine_dist.train.engine import (AdamWSettings, grad_norm, load_model, optimizer_step, resolve_per_forward,
                                           wrap)
 from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
@@ -74,7 +74,8 @@ def build_engine(cfg: Config, num_examples: int):
     per_forward = resolve_per_forward(cfg.sft.examples_per_forward, cfg.sft.micro_batch_size, "sft.examples_per_forward")
     parts = cfg.sft.micro_batch_size // per_forward
     ds_cfg = deepspeed_config(
-        per_forward, cfg.sft.grad_accum * parts, dist.world_size(), cfg.distributed.zero_stage,
+        per_forward, cfg.sft.grad_accum * parts, dist.world_size(),
+        resolve_zero_stage(cfg.distributed.zero_stage, dist.world_size()),
         resolve_dtype(cfg.model.dtype), cfg.sft.max_grad_norm, cfg.distributed.offload_optimizer,
     )
     model = load_model(resolve_model_path(cfg.model.name_or_path), ds_cfg, cfg.model.trust_remote_code,
@@ -118,7 +119,8 @@ def run_sft(cfg: Config, run_dir: Path) -> Path:
         start_step = state["global_step"]
         dist.print0(f"resumed from {ckpt_dir}/step_{resume_from:08d} (step {start_step} of {total_steps})")
     dist.print0(f"sft: {len(sft_examples)} examples, {plan.steps_per_epoch} steps/epoch, {total_steps} steps, "
-                f"global batch {plan.global_batch_size}, world {dist.world_size()}, zero stage {cfg.distributed.zero_stage}, "
+                f"global batch {plan.global_batch_size}, world {dist.world_size()}, "
+                f"zero stage {resolve_zero_stage(cfg.distributed.zero_stage, dist.world_size())}, "
                 f"dtype {resolve_dtype(cfg.model.dtype)}")
 
     # ---- train

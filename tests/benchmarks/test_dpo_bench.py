@@ -16,11 +16,11 @@ pytestmark = pytest.mark.slow
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
-    """{method: cells} of the markdown table ``bench.table`` prints."""
+    """{first cell: cells} of the markdown table a benchmark prints (its header row left out)."""
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and cells[0] not in ("method",) and not set(cells[0]) <= set("-:"):
+        if line.startswith("| ") and cells[0] not in ("method", "stage") and not set(cells[0]) <= set("-:"):
             rows[cells[0]] = cells
     return rows
 

@@ -179,16 +179,18 @@ def test_freed_and_reloaded_reference_gives_the_same_log_probs(layouts):
 @pytest.mark.parametrize("name", ["parts", "stage0"])
 def test_layouts_train_like_the_whole_micro_batch(layouts, name, tiny_model_dir):
     want, got = layouts["whole"], layouts[name]
-    for want_round, got_round in zip(want["rounds"], got["rounds"]):
+    # Round 1 starts from the same weights; round 2 from weights after 4 Adam steps, which carry the
+    # layouts' float rounding (below): its figures agree to 5e-5 (seen: 1.3e-5 for parts with fused AdamW).
+    for rel, want_round, got_round in zip((1e-5, 5e-5), want["rounds"], got["rounds"]):
         assert len(got_round) == len(want_round) == 2
         for w, g in zip(want_round, got_round):
             for key in ("loss", "nll_loss", "rewards/margins", "logps/chosen", "logps/rejected"):
-                assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+                assert g[key] == pytest.approx(w[key], rel=rel, abs=1e-6), key
             assert math.isfinite(g["grad_norm"]) and g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
     # Weights after 4 Adam steps: Adam divides each gradient by its running scale, so float rounding
     # in gradients near zero (rare tokens' embedding rows) moves a weight by up to lr per step. Measured
     # against how far training moved each tensor, the layouts agree to 5e-3 (seen: 1.3e-3 for parts,
-    # 2e-4 for stage0); round 2's losses and log-probs above, computed from round 1's weights, agree to 1e-5.
+    # 2e-4 for stage0); round 2's losses and log-probs above, computed from round 1's weights, agree to 5e-5.
     start = load_causal_lm(str(tiny_model_dir), "fp32").state_dict()
     assert set(got["state"]) == set(want["state"])
     apart = {key: float((got["state"][key] - tensor).norm() / (tensor - start[key]).norm())

@@ -1,0 +1,45 @@
+"""``python -m selfrefine_dist.benchmarks.round`` at a toy size: our two rounds (Ray, a vLLM sampler actor,
+a DeepSpeed learner) and, where TRL is installed (the ``bench`` extra), the same rounds as plain vLLM + TRL
+scripts; the stage table prints, each round's stages lie inside its wall time, both sides train the same
+number of DPO steps."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+
+import pytest
+
+pytest.importorskip("vllm")
+pytest.importorskip("deepspeed")
+
+from selfrefine_dist.benchmarks import round as bench  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_round_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
+    with_plain = importlib.util.find_spec("trl") is not None
+    # A random model gets every chain_sum answer wrong: teacher_vs_incorrect pairs one path per question.
+    bench.main(["--model", str(tiny_model_dir), "--dtype", "fp32", "--questions", "4", "--samples", "2",
+                "--max-new-tokens", "8", "--rounds", "2", "--micro-batch", "2", "--cpus", "2", "--kv-cache-gib", "1",
+                "--timeout", "600"] + ([] if with_plain else ["--ours-only"]))
+    out = capsys.readouterr().out
+    print(out)
+    assert re.search(r"# Round benchmark: .* fp32, 4 chain_sum questions x 2 paths x 8 tokens", out), out
+    from test_dpo_bench import table_rows
+
+    rows = {name: cells[1:] for name, cells in table_rows(out).items()}
+    sides = 4 if with_plain else 2  # (plain, ours) x 2 rounds, or ours x 2 rounds
+    for stage in bench.STAGES + ("**wall**",):
+        assert len(rows[stage]) == sides, (stage, rows[stage])
+        assert all(math.isfinite(float(x)) for x in rows[stage]), rows[stage]
+    for col in range(sides):
+        assert float(rows["**wall**"][col]) > 0
+        # The named stages lie inside the round's wall time: what is left ("other") is not negative.
+        assert all(float(rows[s][col]) >= -0.1 for s in bench.STAGES), [rows[s][col] for s in bench.STAGES]
+        assert float(rows["reference pass"][col]) > 0
+    assert rows["optimizer steps"] == ["2"] * sides  # 4 pairs in micro-batches of 2, on both sides
+    assert rows["pairs trained"] == ["4"] * sides
+    if with_plain:
+        assert re.search(r"ratio ours / plain: wall [\d.]+x", out)

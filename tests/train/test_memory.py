@@ -1,0 +1,57 @@
+"""train/memory.py: the allocator setting that gives a learner's freed blocks back to the OS, and the
+peak-RSS reading every stage logs. Each check runs in a fresh process (the setting is per process)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
+
+FRAGMENT = r"""
+import json, sys
+import torch
+from selfrefine_dist.train.memory import return_large_blocks_to_os, trim_heap
+set_it = sys.argv[1] == "1"
+changed = return_large_blocks_to_os() if set_it else False
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+big = torch.ones(4 << 20)
+del big  # a freed 16 MiB block: glibc raises its mmap threshold to that size (its ceiling is 32 MiB)
+blocks = [torch.ones(1 << 19) for _ in range(200)]  # 200 blocks of 2 MiB (400 MiB), touched
+held = rss()
+del blocks[::2]  # free every other one: interleaved holes, nothing to trim from the heap's top
+freed = rss()
+trimmed = trim_heap()
+print(json.dumps({"changed": changed, "released_mib": (held - freed) / 2**20,
+                  "trimmed": trimmed, "released_by_trim_mib": (freed - rss()) / 2**20}))
+"""
+
+
+def released_mib(set_threshold: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", FRAGMENT, "1" if set_threshold else "0"], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_blocks_go_back_to_the_os_with_the_fixed_threshold_or_a_trim():
+    with_threshold, without = released_mib(True), released_mib(False)
+    assert with_threshold["changed"] is True
+    assert with_threshold["released_mib"] > 150  # about 200 MiB freed: returned at once
+    assert without["released_mib"] < 50  # the heap keeps them: what the learners ran into
+    assert without["trimmed"] is True and without["released_by_trim_mib"] > 150  # until malloc_trim
+
+
+def test_peak_rss_rises_with_an_allocation_and_resets():
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    block = bytearray(256 << 20)  # 256 MiB, touched (zero-filled)
+    assert peak_rss_bytes() - before > 200 << 20
+    del block
+    reset_peak_rss()
+    assert peak_rss_bytes() < before + (128 << 20) or sys.platform != "linux"
+    assert peak_rss_bytes() / GIB > 0
