@@ -134,8 +134,16 @@ class SamplerPool:
         return ray.get([self.actors[a].checksums.remote() for a in self.live_actors])
 
     def peak_rss_gib(self) -> float:
-        """The largest peak resident memory of any live actor (with the engine processes it started), GiB."""
-        return max(ray.get([self.actors[a].peak_rss_gib.remote() for a in self.live_actors]), default=0.0)
+        """The largest peak resident memory of any live actor (with the engine processes it started), GiB.
+        A figure, not a task: an actor that died or is restarting since the last work item is left out
+        (its memory went with it), never waited for or failed on."""
+        peaks = []
+        for ref in [self.actors[a].peak_rss_gib.remote() for a in self.live_actors]:
+            try:
+                peaks.append(ray.get(ref))
+            except (ActorUnavailableError, RayActorError):
+                pass
+        return max(peaks, default=0.0)
 
     def placement(self) -> List[Tuple[str, int]]:
         """Per live actor, (Ray node id, pid)."""

@@ -56,6 +56,23 @@ def test_update_weights_then_checksums_match_the_sent_state_dict(pools, tiny_mod
     assert two.checksums() == [expected, expected]
 
 
+def test_peak_memory_leaves_out_an_actor_that_was_killed_and_does_not_raise(ray_cluster, tiny_model_dir):
+    import os
+    import signal
+
+    import ray
+
+    pool = SamplerPool(sampler_config("hf", num_actors=2), str(tiny_model_dir), "fp32")
+    try:
+        both = pool.peak_rss_gib()
+        _, pid = ray.get(pool.actors[1].where.remote())
+        os.kill(pid, signal.SIGKILL)  # restarting now, as in the soak test's kills between rounds
+        after = pool.peak_rss_gib()
+        assert 0 < after <= both * 1.5  # the live actor's figure
+    finally:
+        pool.shutdown()
+
+
 def test_an_actor_killed_while_it_starts_is_restarted_and_the_pool_starts(ray_cluster, tiny_model_dir):
     import ray
 
