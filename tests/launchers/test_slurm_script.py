@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import textwrap
+import time
 
 import pytest
 
@@ -22,7 +23,8 @@ def fake_slurm(tmp_path):
     """A PATH with fake scontrol/srun/sleep, and the environment sbatch gives a 3-node job."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    log = f'{{ printf "%q " "$(basename "$0")" "$@"; echo; }} >> {shlex.quote(str(calls))}'
+    # One write per call (O_APPEND keeps it whole): background sruns log at the same time as the script.
+    log = (f'line=$(printf "%q " "$(basename "$0")" "$@"); printf "%s\\n" "$line" >> {shlex.quote(str(calls))}')
     fakes = {
         "scontrol": f"""{log}
             [[ $1 == show && $2 == hostnames ]] || {{ echo "fake scontrol: $*" >&2; exit 1; }}
@@ -59,8 +61,13 @@ def expected_commands(config):
     ]
 
 
-def logged(calls):
-    return [shlex.split(line) for line in calls.read_text().splitlines()]
+def logged(calls, expect_lines=0, timeout_s=10.0):
+    """The logged calls; waits (up to timeout_s) for expect_lines of them, since background sruns the script
+    does not wait for may log after it exits."""
+    deadline = time.monotonic() + timeout_s
+    while len(lines := calls.read_text().splitlines()) < expect_lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [shlex.split(line) for line in lines]
 
 
 def test_script_parses():
@@ -90,8 +97,8 @@ def test_real_mode_runs_the_same_commands(fake_slurm):
     out = subprocess.run(["bash", str(SCRIPT), "configs/x.yaml", OVERRIDE], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    ran = logged(calls)[2:]  # after the scontrol and hostname queries
     expected = expected_commands("configs/x.yaml")
+    ran = logged(calls, expect_lines=2 + len(expected))[2:]  # after the scontrol and hostname queries
     # Background sruns may log in any order (their order is checked in DRY_RUN above).
     assert sorted(map(tuple, ran)) == sorted(map(tuple, expected)), ran
 
