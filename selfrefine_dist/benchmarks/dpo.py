@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+from selfrefine_dist.benchmarks.scratch import scratch_dir
 
 GIB = 1024**3
 METHODS = ("trl", "ours", "ours_stage0", "ours_unfused", "ours_2ranks")
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="for ours and ours_unfused")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--keep-work", action="store_true", help="keep the models and runs it wrote (removed by default)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--_trl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     from selfrefine_dist.models.loading import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    work = Path(tempfile.mkdtemp(prefix="dpo_bench_"))
+    work = scratch_dir("dpo_bench_", args.keep_work)
     pairs = Path(args.pairs) if args.pairs else work / "pairs.jsonl"
     if not args.pairs:
         write_default_pairs(pairs, args.num_pairs)

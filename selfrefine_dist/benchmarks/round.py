@@ -32,12 +32,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from selfrefine_dist.benchmarks.dpo import GIB, run_tree
 from selfrefine_dist.benchmarks.sampling import VLLM_SCRIPT_ENGINE
+from selfrefine_dist.benchmarks.scratch import scratch_dir
 
 STAGES = ("start", "sample", "reward + pairs", "reference pass", "DPO steps", "export + sync", "other")
 
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="threads of the samplers and TRL")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--ours-only", action="store_true", help="skip the plain side (it needs TRL: the bench extra)")
+    parser.add_argument("--keep-work", action="store_true", help="keep the models and runs it wrote (removed by default)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     parser.add_argument("--_ours", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     from selfrefine_dist.models.loading import resolve_dtype, resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    work = Path(tempfile.mkdtemp(prefix="round_bench_"))
+    work = scratch_dir("round_bench_", args.keep_work)
     overrides = overrides_for(args, model_path, work / "ours")
     cfg = load_config(None, overrides)
     print(f"# Round benchmark: {args.model} {resolve_dtype(args.dtype)}, {args.questions} {args.task} questions x "

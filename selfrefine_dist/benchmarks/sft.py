@@ -29,11 +29,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from selfrefine_dist.benchmarks.dpo import run_tree, steps_logged, table
+from selfrefine_dist.benchmarks.scratch import scratch_dir
 
 METHODS = ("trl", "ours", "ours_stage0", "ours_2ranks")
 LR = 2e-5
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="for ``ours``")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--keep-work", action="store_true", help="keep the models and runs it wrote (removed by default)")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--_trl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     from selfrefine_dist.models.loading import resolve_model_path
 
     model_path = resolve_model_path(args.model)
-    work = Path(tempfile.mkdtemp(prefix="sft_bench_"))
+    work = scratch_dir("sft_bench_", args.keep_work)
     overrides = overrides_for(model_path, args.num_examples, args.micro_batch, args.dtype)
     examples, steps = sft_examples_in_plan_order(overrides, work)
     examples_file = work / "examples.jsonl"

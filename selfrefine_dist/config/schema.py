@@ -294,6 +294,10 @@ class RefineConfig:
     num_learners: int = 2
     cpus_per_learner: float = 1.0
     gpus_per_learner: float = 0.0
+    # Learners that must load their policy start before the round samples and load meanwhile.
+    # null: when they have GPUs of their own; on CPU they would take the sampler's cores (a 2-core
+    # round sampled 2x slower: benchmarks/round.py), so they start after sampling.
+    start_learners_while_sampling: Optional[bool] = None
     # auto: NCCL broadcast on GPU, Ray object store on CPU.
     weight_sync: str = choice("auto", "auto", "object_store", "nccl")
     sync_bucket_mb: int = 64

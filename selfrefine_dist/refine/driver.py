@@ -2,6 +2,10 @@
 
     sample -> reward -> pair -> (reference log-probs + DPO on the learners) -> sync -> evaluate
 
+With ``refine.start_learners_while_sampling`` (the default where learners have GPUs), a learner group
+that must load its policy (the first round, a rerun) starts before the round samples and builds its
+engines meanwhile; the round waits for it only before training.
+
 Every stage is fingerprinted (``selfrefine_dist/stages.py``, keys in ``stage_specs.py``): a rerun
 reuses each stage whose inputs did not change, recomputes from the first one that did, and a
 stage cut off half-way continues from its last finished artifact. Samples record the policy
@@ -69,6 +73,8 @@ class SelfRefineLoop:
         self.learners: Optional[LearnerGroup] = None
         self.learners_at: Optional[str] = None  # fingerprint of the weights the learner group holds
         self.weight_sync = make_weight_sync(cfg)  # learners -> samplers after each round's DPO
+        early = cfg.refine.start_learners_while_sampling
+        self.start_learners_while_sampling = cfg.refine.gpus_per_learner > 0 if early is None else early
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> List[dict]:
@@ -81,17 +87,22 @@ class SelfRefineLoop:
         cfg, out = self.cfg, artifacts.round_dir(self.run_dir, r)
         seconds: Dict[str, float] = {}
 
-        t0 = time.perf_counter()
         samples = self.samples_stage(r)
+        pairs_st = pairs_stage(cfg, r, samples.fingerprint)
+        dpo = dpo_stage(cfg, r, pairs_st.fingerprint, self.model_fps[r - 1], self.model_fps[0], self.dtype)
+        t0 = time.perf_counter()
+        if self.start_learners_while_sampling and not self.ledger.is_done(dpo):
+            self.learner_group(r - 1, wait=False)  # they load their policy while the round samples
+        seconds["learner_start"] = time.perf_counter() - t0  # and, in ``train``, the wait for their set-up
+
+        t0 = time.perf_counter()
         paths, sample_metrics = self.samples(r, samples)  # sampling + rewards (or the files of an earlier run)
         seconds["sample"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        pairs_st = pairs_stage(cfg, r, samples.fingerprint)
         pairs, pair_metrics = self.pairs(r, paths, pairs_st)
         seconds["pair"] = time.perf_counter() - t0
 
-        dpo = dpo_stage(cfg, r, pairs_st.fingerprint, self.model_fps[r - 1], self.model_fps[0], self.dtype)
         self.model_fps[r] = dpo.fingerprint
         summary_stage = Stage(f"round_{r:02d}/summary", {"dpo": dpo.fingerprint, "probe": cfg.refine.probe_questions,
                                                          "evaluated": self.evaluated(r)}, (f"rounds/round_{r:02d}/summary.json",))
@@ -164,7 +175,7 @@ class SelfRefineLoop:
 
         t0 = time.perf_counter()
         learners = self.learner_group(r - 1)
-        seconds["learner_start"] = time.perf_counter() - t0
+        seconds["learner_start"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         # Preference batches travel to the learners through the object store.
         shard_refs = [ray.put(shard) for shard in plan.shards]
@@ -187,23 +198,26 @@ class SelfRefineLoop:
         self.ledger.finished(stage)
         return history
 
-    def learner_group(self, version: int) -> LearnerGroup:
+    def learner_group(self, version: int, wait: bool = True) -> LearnerGroup:
         """Learners holding policy ``version``: the running group after it trained that version, else a new
-        group loaded from the version's exported folder (a rerun, or a round reused from another run)."""
-        if self.learners is not None and self.learners_at == self.model_fps[version]:
-            return self.learners
-        r = self.cfg.refine
-        spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
-        if self.learners is not None and self.learners.spec is None:  # the group that trained SFT, no policy yet
-            print(f"dpo: on the {self.learners.world_size} learners that trained SFT", flush=True)
-            self.learners.setup(spec)
-        else:
-            self.shutdown()
-            start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs
-            self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
-                                         env=learner_env(r.num_learners), resources=self.cfg.ray.learner_resources)
-            print("dpo: learners at " + placement_line("rank", self.learners.placement()), flush=True)
-        self.learners_at = self.model_fps[version]
+        group loaded from the version's exported folder (a rerun, or a round reused from another run).
+        ``wait=False`` returns while the ranks still build their engines (``LearnerGroup.ready`` waits)."""
+        if self.learners is None or self.learners_at != self.model_fps[version]:
+            r = self.cfg.refine
+            spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
+            if self.learners is not None and self.learners.spec is None:  # the group that trained SFT, no policy
+                print(f"dpo: on the {self.learners.world_size} learners that trained SFT", flush=True)
+                self.learners.setup_async(spec)
+            else:
+                self.shutdown()
+                start_ray(self.cfg)  # a rerun may need learners before any sampler: Ray with its configured CPUs
+                self.learners = LearnerGroup(spec, r.num_learners, r.cpus_per_learner, r.gpus_per_learner,
+                                             env=learner_env(r.num_learners), resources=self.cfg.ray.learner_resources,
+                                             wait_for_setup=False)
+                print("dpo: learners at " + placement_line("rank", self.learners.placement()), flush=True)
+            self.learners_at = self.model_fps[version]
+        if wait:
+            self.learners.ready()
         return self.learners
 
     def adopt_learners(self, group: LearnerGroup) -> None:

@@ -4,6 +4,7 @@ on the same ranks.
     group = LearnerGroup(None, n, backend="auto", threads=1)   # ranks placed and connected
     group.train_sft(config_file, run_dir)                      # SFT on the group (``selfrefine run``)
     group.setup(spec)                                          # a DPO policy from the exported SFT model
+    group.setup_async(spec); ...; group.ready()                # the same, while the caller does other work
     group.train_round(shard_refs, round_idx) ...
 
 Each method fans the call out to every rank (ZeRO-3 collectives need all of them) and
@@ -51,7 +52,7 @@ class LearnerGroup:
 
     def __init__(self, spec: Optional[LearnerSpec], num_learners: int, cpus_per_learner: float = 1.0,
                  gpus_per_learner: float = 0.0, env: Optional[Dict[str, str]] = None, backend: str = "auto",
-                 threads: int = 1, resources: Optional[Dict[str, float]] = None):
+                 threads: int = 1, resources: Optional[Dict[str, float]] = None, wait_for_setup: bool = True):
         # ``resources``: custom Ray resources per rank, which put the ranks on the nodes that have them
         bundles = [{"CPU": cpus_per_learner, **({"GPU": gpus_per_learner} if gpus_per_learner else {}),
                     **dict(resources or {})} for _ in range(num_learners)]
@@ -69,16 +70,33 @@ class LearnerGroup:
         ]
         self.round_idx: Optional[int] = None  # the round being trained, for error messages
         self.spec: Optional[LearnerSpec] = None  # the DPO settings of the policy the ranks hold
+        self.pending_setup: List[ray.ObjectRef] = []  # set-up calls not waited for yet (``ready``)
         self.master = ray.get(self.actors[0].address.remote())
+        self.ranks_at = ray.get([a.where.remote() for a in self.actors])  # asked before any long set-up call
         if spec is not None:
-            self.setup(spec)
+            self.setup_async(spec)
+            if wait_for_setup:
+                self.ready()
         else:
             self.wait([a.connect.remote(*self.master, backend, threads) for a in self.actors], "set-up")
 
     def setup(self, spec: LearnerSpec) -> None:
         """Every rank builds the DPO policy engine from ``spec.policy_path`` (dropping the one it held)."""
-        self.wait([a.setup.remote(spec, *self.master) for a in self.actors], "set-up")
+        self.setup_async(spec)
+        self.ready()
+
+    def setup_async(self, spec: LearnerSpec) -> None:
+        """``setup`` without waiting: the ranks build their engines while the caller goes on (the driver
+        samples the round meanwhile); ``ready`` waits, and every call that trains waits first."""
+        self.ready()
+        self.pending_setup = [a.setup.remote(spec, *self.master) for a in self.actors]
         self.spec = spec
+
+    def ready(self) -> None:
+        """Wait for a set-up started by ``setup_async`` (raises ``LearnerDied`` if a rank died in it)."""
+        pending, self.pending_setup = self.pending_setup, []
+        if pending:
+            self.wait(pending, "set-up")
 
     def train_sft(self, config_file: str, run_dir: str) -> str:
         """SFT on the group's ranks (``run_sft``, as under torchrun); returns the exported model folder."""
@@ -87,18 +105,20 @@ class LearnerGroup:
 
     def placement(self) -> List[tuple]:
         """(Ray node id, pid) of each rank."""
-        return ray.get([a.where.remote() for a in self.actors])
+        return list(self.ranks_at)
 
     @property
     def world_size(self) -> int:
         return len(self.actors)
 
     def restore(self, ckpt_root: str, round_idx: int) -> None:
+        self.ready()
         ray.get([a.restore.remote(ckpt_root, round_idx) for a in self.actors])
 
     def train_round_async(self, shard_refs: Sequence[ray.ObjectRef], round_idx: int) -> List[ray.ObjectRef]:
         """Start a round's DPO; ``shard_refs[r]`` is rank r's share in the object store."""
         assert len(shard_refs) == len(self.actors)
+        self.ready()
         self.round_idx = round_idx
         return [a.train_round.remote(ref, round_idx) for a, ref in zip(self.actors, shard_refs)]
 

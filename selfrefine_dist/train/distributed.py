@@ -10,7 +10,7 @@ import socket
 
 import torch
 
-from selfrefine_dist.train.memory import return_large_blocks_to_os
+from selfrefine_dist.train.memory import bound_cpu_kernel_caches, return_large_blocks_to_os
 
 
 def free_port() -> int:
@@ -38,6 +38,7 @@ def init_distributed(backend: str = "auto") -> None:
         torch.cuda.set_device(local_rank())
     else:  # weights, gradients and optimizer state live in host memory: give back what is freed
         return_large_blocks_to_os()
+        bound_cpu_kernel_caches()
 
 
 def rank() -> int:

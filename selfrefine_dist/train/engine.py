@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from selfrefine_dist.train.chunked_step import chunk_the_step
 from selfrefine_dist.train.memory import trim_heap
 
 
@@ -58,6 +59,7 @@ def wrap(model, ds_config: dict, optimizer: Optional[AdamWSettings] = None,
                               betas=tuple(optimizer.betas), weight_decay=optimizer.weight_decay, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda) if lr_lambda is not None else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=adamw, lr_scheduler=scheduler, config=ds_config)
+    chunk_the_step(engine)  # stage 0 in bf16: fp32 gradient copies a chunk at a time, not all at once
     return engine
 
 

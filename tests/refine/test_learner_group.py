@@ -49,9 +49,13 @@ def trained(local_ray, tiny_model_dir, tmp_path_factory):
 
     examples, tok = preference_examples(tiny_model_dir)
     plan = plan_round(examples, world_size=2, micro_batch_size=2, grad_accum=1, epochs=1, seed=0)
-    group = LearnerGroup(spec_for(tiny_model_dir, str(tiny_model_dir)), num_learners=2, cpus_per_learner=1)
+    # as the driver does: the ranks build their engines while the caller goes on; training waits for them
+    group = LearnerGroup(spec_for(tiny_model_dir, str(tiny_model_dir)), num_learners=2, cpus_per_learner=1,
+                         wait_for_setup=False)
+    assert len(group.pending_setup) == 2 and len(group.placement()) == 2
     refs = [local_ray.put(shard) for shard in plan.shards]
     history = [h.as_dict() for h in group.train_round(refs, round_idx=1)]  # TRL's metric names
+    assert group.pending_setup == []
     export_dir = tmp_path_factory.mktemp("dpo") / "model"
     # the weights, through the object store into a vLLM sampler actor: the loop's sync on CPU
     pool = SamplerPool(SamplerConfig(backend="vllm", num_actors=1, cpus_per_actor=1, max_model_len=512),

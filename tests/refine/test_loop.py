@@ -103,13 +103,21 @@ def weights(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def sync_run(setup, tmp_path_factory):
     run_dir = fresh_run_dir(setup, tmp_path_factory.mktemp("sync"), "run")
-    out = run(command(setup[0], run_dir))
+    out = run(command(setup[0], run_dir, "refine.start_learners_while_sampling=true"))
     return run_dir, out.stdout
+
+
+def before(stdout: str, first: str, then: str) -> bool:
+    """``first`` is printed, and before ``then``."""
+    return first in stdout and then in stdout and stdout.index(first) < stdout.index(then)
 
 
 def test_two_sync_rounds_end_to_end(sync_run):
     run_dir, stdout = sync_run
     assert "stage sft: reused" in stdout and "stage sft: computing" not in stdout  # the shared SFT, not trained again
+    # refine.start_learners_while_sampling: the learners were placed (and loading) before round 1 sampled
+    assert before(stdout, "dpo: learners at", "stage round_01/samples: computing"), stdout[-4000:]
+    assert stdout.count("dpo: learners at") == 1  # round 2 trains on the same group
     arts = artifacts_of(run_dir)
     assert list(arts) == ["round_01", "round_02"]
     for i, (name, a) in enumerate(arts.items(), start=1):
@@ -257,6 +265,8 @@ def test_killed_learners_stop_the_run_naming_the_rank_and_the_rerun_ends_with_th
     out = run(cmd)
     assert "round 1: done earlier" in out.stdout and "stage round_02/dpo: resuming" in out.stdout
     assert "stage sft: computing" not in out.stdout  # SFT reused
+    # CPU learners (the default) start after the round's samples and pairs, not on the sampler's cores
+    assert before(out.stdout, "stage round_02/pairs: reused", "dpo: learners at"), out.stdout[-4000:]
     assert ledger(run_dir)["round_02/summary"] == "done"
     for name in ("samples.jsonl", "pairs.jsonl"):
         assert (run_dir / "rounds" / "round_02" / name).read_text() == \

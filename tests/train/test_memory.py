@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
+from selfrefine_dist.train.memory import CPU_KERNEL_CACHE_ENV, GIB, peak_rss_bytes, reset_peak_rss
 
 FRAGMENT = r"""
 import json, sys
@@ -55,3 +55,45 @@ def test_peak_rss_rises_with_an_allocation_and_resets():
     reset_peak_rss()
     assert peak_rss_bytes() < before + (128 << 20) or sys.platform != "linux"
     assert peak_rss_bytes() / GIB > 0
+
+
+KERNEL_CACHE_FRAGMENT = r"""
+import json, sys
+import torch
+from selfrefine_dist.train.memory import bound_cpu_kernel_caches, trim_heap
+chosen = bound_cpu_kernel_caches() if sys.argv[1] == "1" else {}
+torch.set_num_threads(1)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+w = torch.randn(1536, 576, dtype=torch.bfloat16, requires_grad=True)
+(torch.randn(8, 576, dtype=torch.bfloat16) @ w.t()).sum().backward()
+trim_heap()
+before = rss()
+for n in range(100, 250):  # 150 sequence lengths, as a learner meets them: forward and backward of a projection
+    x = torch.randn(n, 576, dtype=torch.bfloat16, requires_grad=True)
+    (x @ w.t()).sum().backward()
+trim_heap()
+print(json.dumps({"chosen": chosen, "kept_mib": (rss() - before) / 2**20}))
+"""
+
+
+def kept_by_matmul_shapes(bounded: bool, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", KERNEL_CACHE_FRAGMENT, "1" if bounded else "0"], capture_output=True,
+                         text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and calls glibc's malloc_trim")
+def test_bounded_kernel_caches_keep_memory_flat_across_matmul_shapes():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in CPU_KERNEL_CACHE_ENV}
+    unbounded, bounded = kept_by_matmul_shapes(False, env), kept_by_matmul_shapes(True, env)
+    assert bounded["chosen"] == CPU_KERNEL_CACHE_ENV
+    if unbounded["kept_mib"] < 64:
+        pytest.skip(f"this CPU's bf16 matmuls keep no per-shape kernels ({unbounded['kept_mib']:.0f} MiB kept)")
+    assert bounded["kept_mib"] < unbounded["kept_mib"] / 3, (bounded, unbounded)
+    # a capacity the user set is left alone
+    user = kept_by_matmul_shapes(True, dict(env, LRU_CACHE_CAPACITY="1024"))
+    assert user["chosen"] == {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "32"}
