@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
 from selfrefine_dist.benchmarks.scratch import scratch_dir
 
 GIB = 1024**3
