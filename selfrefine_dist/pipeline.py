@@ -37,20 +37,36 @@ class Samplers:
     def __init__(self, cfg: Config, model_path: str, version: int = 0):
         self.cfg, self.model_path, self.first_version = cfg, model_path, version
         self._pool = None
-        self.start_s = 0.0
+        self._waited = False
+        self._started_at = 0.0
+        self.start_s = 0.0  # seconds from the start of the actors to their engines built
 
     @property
-    def pool(self):
+    def started(self) -> bool:
+        return self._pool is not None
+
+    def start(self) -> None:
+        """Start the sampler actors and return while their engines load (``pool`` waits for them)."""
         if self._pool is None:
             from selfrefine_dist.sampling.pool import SamplerPool
 
-            t0 = time.perf_counter()
+            self._started_at = time.perf_counter()
             start_ray(self.cfg)
             self._pool = SamplerPool(self.cfg.sampler, self.model_path, resolve_dtype(self.cfg.model.dtype),
-                                     self.cfg.model.trust_remote_code, resources=self.cfg.ray.sampler_resources)
+                                     self.cfg.model.trust_remote_code, resources=self.cfg.ray.sampler_resources,
+                                     wait_for_ready=False)
             self._pool.version = self.first_version
+            self._waited = False
+
+    @property
+    def pool(self):
+        """The sampler pool, its engines built (started here on first use)."""
+        self.start()
+        if not self._waited:
+            self._pool.ready()
             print("samplers at " + placement_line("actor", self._pool.placement()), flush=True)
-            self.start_s = time.perf_counter() - t0
+            self.start_s = time.perf_counter() - self._started_at
+            self._waited = True
         return self._pool
 
     def ensure(self, version: int, folder: str) -> None:

@@ -86,7 +86,7 @@ def ours_main(spec: dict) -> None:
     try:
         for r in range(1, cfg.refine.rounds + 1):
             summary = loop.run_round(r)
-            print("ROUND " + json.dumps({"done_at": time.time(), "sampler_start_s": samplers.start_s,
+            print("ROUND " + json.dumps({"done_at": time.time(),
                                          **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}),
                   flush=True)
     finally:
@@ -96,13 +96,16 @@ def ours_main(spec: dict) -> None:
 
 def ours_stages(rounds: list[dict], started_at: float) -> list[dict]:
     """Seconds per stage of each of our rounds; "other" is the rest of the round's wall time (process
-    start and imports in round 1, bookkeeping)."""
+    start and imports in round 1, bookkeeping). "start": the sampler engines and learners started ahead of
+    sampling (``start_s``), sampler engines started in the sample stage, the learners' load or the wait
+    for it before training."""
     out, last = [], started_at
-    for r, row in enumerate(rounds, 1):
-        start = (row["sampler_start_s"] if r == 1 else 0.0) + row.get("learner_start_s", 0.0)
+    for row in rounds:
+        samplers_start = row.get("samplers_start_s", 0.0)
+        start = row.get("start_s", 0.0) + samplers_start + row.get("learner_start_s", 0.0)
         reward = row.get("reward_s", 0.0)
         stages = {"start": start,
-                  "sample": row["sample_s"] - reward - (row["sampler_start_s"] if r == 1 else 0.0),
+                  "sample": row["sample_s"] - reward - samplers_start,
                   "reward + pairs": reward + row["pair_s"], "reference pass": row.get("reference_logps_s", 0.0),
                   "DPO steps": row.get("dpo_s", 0.0) - row.get("reference_logps_s", 0.0),
                   "export + sync": row.get("export_s", 0.0) + row.get("sync_s", 0.0)}

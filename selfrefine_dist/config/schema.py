@@ -294,10 +294,15 @@ class RefineConfig:
     num_learners: int = 2
     cpus_per_learner: float = 1.0
     gpus_per_learner: float = 0.0
-    # Learners that must load their policy start before the round samples and load meanwhile.
-    # null: when they have GPUs of their own; on CPU they would take the sampler's cores (a 2-core
-    # round sampled 2x slower: benchmarks/round.py), so they start after sampling.
-    start_learners_while_sampling: Optional[bool] = None
+    # When learners that must load their policy (round 1, a rerun) start:
+    #   with_samplers   with the sampler engines, when the round starts them: both load at once, and the
+    #                   round samples once both are up (on CPU: 6 s of a 2-core round saved, no core shared
+    #                   while sampling). Where the samplers are up already: after the round's pairs.
+    #   while_sampling  before the round samples; they load while it samples (GPU learners: cores and
+    #                   devices of their own). On CPU they take the sampler's cores: 2x slower sampling.
+    #   after_pairs     once the round's pairs are built.
+    #   auto            while_sampling with GPU learners, else with_samplers.
+    learner_start: str = choice("auto", "auto", "with_samplers", "while_sampling", "after_pairs")
     # auto: NCCL broadcast on GPU, Ray object store on CPU.
     weight_sync: str = choice("auto", "auto", "object_store", "nccl")
     sync_bucket_mb: int = 64

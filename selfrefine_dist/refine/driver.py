@@ -2,9 +2,10 @@
 
     sample -> reward -> pair -> (reference log-probs + DPO on the learners) -> sync -> evaluate
 
-With ``refine.start_learners_while_sampling`` (the default where learners have GPUs), a learner group
-that must load its policy (the first round, a rerun) starts before the round samples and builds its
-engines meanwhile; the round waits for it only before training.
+A learner group that must load its policy (the first round, a rerun) starts as ``refine.learner_start``
+says: with the sampler engines when the round starts them (both load at once; sampling waits for both,
+so nothing shares the cores while it samples), or before the round samples (GPU learners: they load
+while it samples), or after the round's pairs.
 
 Every stage is fingerprinted (``selfrefine_dist/stages.py``, keys in ``stage_specs.py``): a rerun
 reuses each stage whose inputs did not change, recomputes from the first one that did, and a
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NoReturn, Optional
 
 import ray
 
@@ -73,8 +74,10 @@ class SelfRefineLoop:
         self.learners: Optional[LearnerGroup] = None
         self.learners_at: Optional[str] = None  # fingerprint of the weights the learner group holds
         self.weight_sync = make_weight_sync(cfg)  # learners -> samplers after each round's DPO
-        early = cfg.refine.start_learners_while_sampling
-        self.start_learners_while_sampling = cfg.refine.gpus_per_learner > 0 if early is None else early
+        start = cfg.refine.learner_start
+        if start == "auto":
+            start = "while_sampling" if cfg.refine.gpus_per_learner > 0 else "with_samplers"
+        self.learner_start = start
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> List[dict]:
@@ -91,13 +94,18 @@ class SelfRefineLoop:
         pairs_st = pairs_stage(cfg, r, samples.fingerprint)
         dpo = dpo_stage(cfg, r, pairs_st.fingerprint, self.model_fps[r - 1], self.model_fps[0], self.dtype)
         t0 = time.perf_counter()
-        if self.start_learners_while_sampling and not self.ledger.is_done(dpo):
-            self.learner_group(r - 1, wait=False)  # they load their policy while the round samples
-        seconds["learner_start"] = time.perf_counter() - t0  # and, in ``train``, the wait for their set-up
+        try:
+            self.start_learners(r, samples, dpo)
+        except LearnerDied as e:
+            self.learner_died(e, r)
+        seconds["start"] = time.perf_counter() - t0  # learners (and sampler engines) started ahead of sampling
 
+        samplers_up = self.samplers.started
         t0 = time.perf_counter()
         paths, sample_metrics = self.samples(r, samples)  # sampling + rewards (or the files of an earlier run)
         seconds["sample"] = time.perf_counter() - t0
+        if not samplers_up and self.samplers.started:
+            seconds["samplers_start"] = self.samplers.start_s  # part of "sample": the engines started there
 
         t0 = time.perf_counter()
         pairs, pair_metrics = self.pairs(r, paths, pairs_st)
@@ -113,9 +121,7 @@ class SelfRefineLoop:
         try:
             history = self.train(r, pairs, pair_metrics, dpo, seconds)
         except LearnerDied as e:  # LearnerGroup.wait has stopped the group; the ledger says DPO "started"
-            self.learners = self.learners_at = None
-            raise SystemExit(f"error: {e}. Run the same command again: it reuses the finished stages and redoes "
-                             f"round {r}'s DPO from {self.model_folder(r - 1)}") from None
+            self.learner_died(e, r)
 
         eval_metrics = {}
         if self.evaluate is not None and self.evaluated(r):
@@ -147,6 +153,12 @@ class SelfRefineLoop:
               + " ".join(f"{k} {v:.1f}s" for k, v in seconds.items()), flush=True)
         return summary
 
+    def learner_died(self, error: LearnerDied, r: int) -> NoReturn:
+        """A rank died (``LearnerGroup.wait`` has stopped the group): the user's message, and how to go on."""
+        self.learners = self.learners_at = None
+        raise SystemExit(f"error: {error}. Run the same command again: it reuses the finished stages and redoes "
+                         f"round {r}'s DPO from {self.model_folder(r - 1)}") from None
+
     def evaluated(self, r: int) -> bool:
         return self.cfg.refine.eval_every_round or r == self.cfg.refine.rounds
 
@@ -175,7 +187,7 @@ class SelfRefineLoop:
 
         t0 = time.perf_counter()
         learners = self.learner_group(r - 1)
-        seconds["learner_start"] += time.perf_counter() - t0
+        seconds["learner_start"] = time.perf_counter() - t0  # loading them, or waiting for a load started ahead
         t0 = time.perf_counter()
         # Preference batches travel to the learners through the object store.
         shard_refs = [ray.put(shard) for shard in plan.shards]
@@ -198,11 +210,28 @@ class SelfRefineLoop:
         self.ledger.finished(stage)
         return history
 
+    def start_learners(self, r: int, samples: Stage, dpo: Stage) -> None:
+        """Start round ``r``'s learners ahead of its DPO, as ``refine.learner_start`` says (see the module
+        docstring). Learners that hold the round's policy already, or a DPO done earlier, need nothing."""
+        if self.ledger.is_done(dpo) or self.learner_start == "after_pairs" or self.holds(r - 1):
+            return
+        if self.learner_start == "while_sampling":
+            self.learner_group(r - 1, wait=False)  # they load their policy while the round samples
+        elif not self.samplers.started and not self.ledger.is_done(samples):
+            self.samplers.start()  # the sampler actors build their engines ...
+            self.learner_group(r - 1, wait=False)  # ... while the learners load their policy
+            self.samplers.pool  # noqa: B018 (waits for the engines)
+            self.learners.ready()  # sampling starts with nothing else on the cores
+
+    def holds(self, version: int) -> bool:
+        """Whether the running learner group holds policy ``version``."""
+        return self.learners is not None and self.learners_at == self.model_fps[version]
+
     def learner_group(self, version: int, wait: bool = True) -> LearnerGroup:
         """Learners holding policy ``version``: the running group after it trained that version, else a new
         group loaded from the version's exported folder (a rerun, or a round reused from another run).
         ``wait=False`` returns while the ranks still build their engines (``LearnerGroup.ready`` waits)."""
-        if self.learners is None or self.learners_at != self.model_fps[version]:
+        if not self.holds(version):
             r = self.cfg.refine
             spec = learner_spec(self.cfg, self.sft_model, r.num_learners, policy_path=self.model_folder(version))
             if self.learners is not None and self.learners.spec is None:  # the group that trained SFT, no policy

@@ -84,6 +84,7 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         self.engine = None
+        self.untrained_from: Optional[str] = None  # see _load_reference
         self.received_digest = ""
         self.round_idx = 0  # the round trained last
 
@@ -136,6 +137,7 @@ class Learner:
         self.pairs_per_forward = resolve_per_forward(spec.pairs_per_forward, spec.micro_batch_size, "pairs_per_forward")
         self.tokenizer = load_tokenizer(spec.policy_path, spec.trust_remote_code)
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
+        self.untrained_from = spec.policy_path  # the folder the policy's weights still equal (None once trained)
 
     def _engine(self, path: str, with_optimizer: bool):
         from selfrefine_dist.train.ds_config import deepspeed_config, resolve_zero_stage
@@ -161,6 +163,7 @@ class Learner:
         from selfrefine_dist.train.checkpoint import load_checkpoint
 
         load_checkpoint(self.engine, Path(ckpt_root), round_idx)
+        self.untrained_from = None
 
     # ---- one round ----------------------------------------------------------------------
     def train_round(self, shard: List[List[list]], round_idx: int) -> List[DPOStepMetrics]:
@@ -187,6 +190,7 @@ class Learner:
 
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
         ref_logps = self._reference_logps(reference, batches)  # once per round, never per step
+        self.untrained_from = None  # the steps below move the policy away from its folder
         steps = [[ReferencedMicroBatch(tuple(parts), ref_chosen, ref_rejected)
                   for parts, (ref_chosen, ref_rejected) in zip(step_parts, step_refs)]
                  for step_parts, step_refs in zip(batches, ref_logps)]
@@ -290,8 +294,13 @@ class Learner:
 
     def _load_reference(self):
         """The model the round's reference log-probs come from: the frozen reference (``reference_path``),
-        loaded for this pass only; or the policy itself (the policy at the start of the round)."""
-        if self.spec.reference_path is None:
+        loaded for this pass only; or the policy itself (the policy at the start of the round).
+
+        A policy not trained since it was loaded from the reference's own folder (round 1 with
+        ``dpo.reference: sft``) is that reference, weight for weight: it serves, in eval mode and
+        without gradients, and no second copy is loaded (the log-probs are equal, bit for bit).
+        """
+        if self.spec.reference_path is None or same_folder(self.untrained_from, self.spec.reference_path):
             return self.engine
         return self._engine(self.spec.reference_path, with_optimizer=False)
 
@@ -490,6 +499,10 @@ def _check_parts_separable(micro_loss, fill_chosen, fill_rejected, chosen: List[
             start += n
 
 
+
+
+def same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def learner_threads(world_size: int) -> int:

@@ -47,7 +47,7 @@ class SamplerPool:
     """
 
     def __init__(self, cfg: SamplerConfig, model_path: str, dtype: str, trust_remote_code: bool = False,
-                 resources: Optional[Dict[str, float]] = None):
+                 resources: Optional[Dict[str, float]] = None, wait_for_ready: bool = True):
         self.spec = BackendSpec(
             backend=cfg.backend, model_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
             seed=cfg.seed, num_threads=max(1, int(cfg.cpus_per_actor)), max_model_len=cfg.max_model_len,
@@ -65,7 +65,9 @@ class SamplerPool:
         self._deaths = [0] * len(self.actors)
         self._dead: set = set()  # actors past max_restarts, no longer used
         self.last_stats: Optional[SamplingStats] = None
-        self._wait_ready()
+        self._starting = True
+        if wait_for_ready:
+            self.ready()
 
     @property
     def live_actors(self) -> List[int]:
@@ -165,6 +167,13 @@ class SamplerPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+    def ready(self) -> None:
+        """Wait until every actor's engine is built (``wait_for_ready=False`` returns before that, so the
+        caller can start other work, the learners, while the engines load); then a no-op."""
+        if self._starting:
+            self._wait_ready()
+            self._starting = False
 
     # -------------------------------------------------------------------------------------
 

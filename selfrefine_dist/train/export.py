@@ -37,10 +37,30 @@ def gather_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _fresh_model(config, dtype: torch.dtype):
-    """An unpartitioned model: HfDeepSpeedConfig is not alive here (see sft.py)."""
+    """An unpartitioned model with random weights: HfDeepSpeedConfig is not alive here (see sft.py)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _model_holding(config, state: Dict[str, torch.Tensor]):
+    """An unpartitioned model whose parameters and persistent buffers are ``state``'s tensors (no copy).
+
+    Built on the meta device, so no weights are allocated and initialised only to be overwritten
+    (1.6 s of a 2.4 s export for SmolLM2-135M on 2 cores); tied weights are tied again after the load.
+    Non-persistent buffers (rotary frequencies) stay on meta: saving does not write them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    _check_keys(model, missing, unexpected)
+    left = [name for name, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise RuntimeError(f"export: no weights for {left[:5]}")
+    return model
 
 
 def export_hf(module: torch.nn.Module, tokenizer, out_dir: Path) -> Path:
@@ -56,9 +76,7 @@ def export_state(module: torch.nn.Module, state: Dict[str, torch.Tensor], tokeni
         if hasattr(module, "peft_config"):
             model = _merge_lora(module, state, dtype)
         else:
-            model = _fresh_model(module.config, dtype)
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            _check_keys(model, missing, unexpected)
+            model = _model_holding(module.config, state)
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

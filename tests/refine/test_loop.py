@@ -103,7 +103,7 @@ def weights(folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def sync_run(setup, tmp_path_factory):
     run_dir = fresh_run_dir(setup, tmp_path_factory.mktemp("sync"), "run")
-    out = run(command(setup[0], run_dir, "refine.start_learners_while_sampling=true"))
+    out = run(command(setup[0], run_dir, "refine.learner_start=while_sampling"))
     return run_dir, out.stdout
 
 
@@ -115,7 +115,7 @@ def before(stdout: str, first: str, then: str) -> bool:
 def test_two_sync_rounds_end_to_end(sync_run):
     run_dir, stdout = sync_run
     assert "stage sft: reused" in stdout and "stage sft: computing" not in stdout  # the shared SFT, not trained again
-    # refine.start_learners_while_sampling: the learners were placed (and loading) before round 1 sampled
+    # refine.learner_start=while_sampling: the learners were placed (and loading) before round 1 sampled
     assert before(stdout, "dpo: learners at", "stage round_01/samples: computing"), stdout[-4000:]
     assert stdout.count("dpo: learners at") == 1  # round 2 trains on the same group
     arts = artifacts_of(run_dir)
@@ -265,7 +265,7 @@ def test_killed_learners_stop_the_run_naming_the_rank_and_the_rerun_ends_with_th
     out = run(cmd)
     assert "round 1: done earlier" in out.stdout and "stage round_02/dpo: resuming" in out.stdout
     assert "stage sft: computing" not in out.stdout  # SFT reused
-    # CPU learners (the default) start after the round's samples and pairs, not on the sampler's cores
+    # CPU learners (the default, with_samplers) start after the pairs when the samples are reused: no engines start
     assert before(out.stdout, "stage round_02/pairs: reused", "dpo: learners at"), out.stdout[-4000:]
     assert ledger(run_dir)["round_02/summary"] == "done"
     for name in ("samples.jsonl", "pairs.jsonl"):
