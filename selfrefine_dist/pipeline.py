@@ -58,15 +58,19 @@ class Samplers:
             self._pool.version = self.first_version
             self._waited = False
 
-    @property
-    def pool(self):
-        """The sampler pool, its engines built (started here on first use)."""
+    def ready(self) -> None:
+        """Wait for the engines ``start`` began building (starting them first if nobody did)."""
         self.start()
         if not self._waited:
             self._pool.ready()
             print("samplers at " + placement_line("actor", self._pool.placement()), flush=True)
             self.start_s = time.perf_counter() - self._started_at
             self._waited = True
+
+    @property
+    def pool(self):
+        """The sampler pool, its engines built (started here on first use)."""
+        self.ready()
         return self._pool
 
     def ensure(self, version: int, folder: str) -> None:

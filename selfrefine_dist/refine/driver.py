@@ -220,7 +220,7 @@ class SelfRefineLoop:
         elif not self.samplers.started and not self.ledger.is_done(samples):
             self.samplers.start()  # the sampler actors build their engines ...
             self.learner_group(r - 1, wait=False)  # ... while the learners load their policy
-            self.samplers.pool  # noqa: B018 (waits for the engines)
+            self.samplers.ready()
             self.learners.ready()  # sampling starts with nothing else on the cores
 
     def holds(self, version: int) -> bool:

@@ -20,10 +20,8 @@ class Samplers:
         self.events.append("samplers start")
         self.started = True
 
-    @property
-    def pool(self):
+    def ready(self):
         self.events.append("samplers ready")
-        return None
 
 
 class Learners:
