@@ -31,7 +31,10 @@ autograd call checks it and raises if a loss couples pairs otherwise.
 Backends: per tile, ``triton`` (CUDA) runs the row kernels of ``token_logprobs`` (forward,
 then the backward kernel with unit upstream gradient gives dl in place); ``torch`` (CPU)
 does the same with in-place torch ops. Statistics and accumulators are fp32 for half
-inputs. ZeRO-3: the partitioned weight is gathered around the call (``zero3.py``); the
+inputs. grad_W of a call that is a single tile (one pair per forward: the CPU learners) is
+that tile's product itself, in the weight's dtype: what an fp32 accumulator starting at zero
+would round back to, without a [V, H] fp32 buffer to zero, add into and convert (on a CPU
+those passes over V x H cost more than the matmul). ZeRO-3: the partitioned weight is gathered around the call (``zero3.py``); the
 backward needs no weight, only ``hold_gathered_for_accumulation`` for grad_W.
 """
 from __future__ import annotations
@@ -110,7 +113,7 @@ def _loss_and_gradients(hidden, weight, targets, pair_loss, ignore_index, backen
     # d logp_t / d h_t for every valid token (row order of ``valid``), scaled by its sequence's coefficient at the end.
     basis = hidden.new_zeros((int(valid.sum()), hidden_size), dtype=stats_dtype) if needs_grad_hidden else None
     basis_index = torch.cumsum(valid, 0) - 1  # flat row -> its row in ``basis``
-    grad_weight = weight.new_zeros(weight.shape, dtype=stats_dtype) if needs_grad_weight else None
+    grad_weight = None  # [V, H]: the first tile's product (weight dtype), fp32 once a second one adds
     accumulators = None  # [V, H] x 2, made for the first pair longer than a tile
     budget = max(1, chunk_tokens or rows_per_chunk(vocab_size, 4))
     pair_tokens = [seq_rows[p].numel() + seq_rows[num_pairs + p].numel() for p in range(num_pairs)]
@@ -136,14 +139,21 @@ def _loss_and_gradients(hidden, weight, targets, pair_loss, ignore_index, backen
                 continue
             dlogits, hidden_rows, logprobs = tile_pass(rows)
             sequence_logps.index_add_(0, owner, logprobs.to(stats_dtype))
-            if grad_weight is not None:
+            if needs_grad_weight:
                 grad = _pair_coefficients(pair_loss, sequence_logps, num_pairs)
                 used_coefficients[seqs] = grad[seqs]
                 dlogits.mul_(grad.index_select(0, owner).to(dlogits.dtype).unsqueeze(1))
-                _add_product_(grad_weight, dlogits.t(), hidden_rows)
+                if grad_weight is None:  # == zeros(fp32) + this product, rounded back to the weight's dtype
+                    grad_weight = dlogits.t() @ hidden_rows
+                else:
+                    grad_weight = grad_weight.to(stats_dtype)  # a no-op once it is fp32
+                    _add_product_(grad_weight, dlogits.t(), hidden_rows)
             continue
         (pair,) = group  # longer than a tile: per sequence, tile by tile, into the accumulators
-        if grad_weight is not None and accumulators is None:
+        if needs_grad_weight:
+            grad_weight = weight.new_zeros(weight.shape, dtype=stats_dtype) if grad_weight is None \
+                else grad_weight.to(stats_dtype)
+        if needs_grad_weight and accumulators is None:
             accumulators = [torch.zeros_like(grad_weight), torch.zeros_like(grad_weight)]  # chosen, rejected
         for side, seq in enumerate(seqs):
             for start in range(0, seq_rows[seq].numel(), budget):
@@ -163,8 +173,10 @@ def _loss_and_gradients(hidden, weight, targets, pair_loss, ignore_index, backen
         x = sequence_logps.detach().clone().requires_grad_(True)
         loss = pair_loss(x[:num_pairs], x[num_pairs:])
         (coefficients,) = torch.autograd.grad(loss, x)
-    if grad_weight is not None:
+    if needs_grad_weight:
         _check_pairwise(used_coefficients, coefficients, [s.numel() > 0 for s in seq_rows])
+        if grad_weight is None:  # no response tokens at all
+            grad_weight = torch.zeros_like(weight)
     grad_hidden = None
     if basis is not None:
         token_coefficients = coefficients.repeat_interleave(torch.tensor([r.numel() for r in seq_rows],
@@ -210,13 +222,17 @@ class FusedLinearPreferenceLossFunction(torch.autograd.Function):
 
 def scaled_forward_grads(ctx, grad_loss):
     """The backward of a loss whose forward made its gradients: (grad_hidden, grad_weight) in
-    ``ctx.grads`` (kept, not freed, for retain_graph) times the upstream scalar; a ZeRO-3 weight
-    is held gathered until its gradient is accumulated."""
+    ``ctx.grads`` (kept, for retain_graph) times the upstream scalar. A scale of 1 (read on CPU
+    only: ``.item()`` would sync a GPU) hands them on as they are: autograd adds them where they
+    go without writing into them, and a fresh [V, H] product costs a pass over pages never touched
+    on a CPU. A ZeRO-3 weight is held gathered until its gradient is accumulated."""
     grad_hidden, grad_weight = ctx.grads
-    if grad_hidden is not None:
+    unit = grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+    if grad_hidden is not None and not unit:
         grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
     if grad_weight is not None:
-        grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        if not unit:
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
         hold_gathered_for_accumulation(ctx.weight)
     return grad_hidden, grad_weight
 

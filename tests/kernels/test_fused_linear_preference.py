@@ -101,14 +101,47 @@ def test_fp32_both_backends(backend, chunk_tokens):
     assert_all_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_bf16_close_to_the_reference_on_the_same_inputs():
+@pytest.mark.parametrize("chunk_tokens", [None, 12, 4])  # one tile (grad_W is its product); groups; long pairs
+def test_bf16_close_to_the_reference_on_the_same_inputs(chunk_tokens):
     hidden, weight, targets, ref = make_batch(torch.bfloat16, seed=4)
     pair_loss = pair_loss_for(targets, ref, "sigmoid", None, None)
     want = reference(hidden.double(), weight.double(), targets, pair_loss)
-    got = ours(hidden, weight, targets, pair_loss, backend="torch")
+    got = ours(hidden, weight, targets, pair_loss, backend="torch", chunk_tokens=chunk_tokens)
     assert got[2].dtype == torch.bfloat16 and got[3].dtype == torch.bfloat16
     # bf16 logits carry ~3 significant digits; the sums over a response amplify that.
     assert_all_close(got, want, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_upstream_with_a_tied_weight_and_retain_graph(dtype):
+    """An upstream gradient of exactly 1 hands the forward's gradients on unscaled. With the weight
+    also used elsewhere (tied embeddings), autograd sums both into the weight's gradient; the handed
+    tensors must not be written into: a second backward of the same graph gives the same gradients."""
+    hidden, weight, targets, ref = make_batch(dtype, seed=6)
+    pair_loss = pair_loss_for(targets, ref, "sigmoid", 0.5, None)
+    tokens = torch.tensor([[3, 7, 7, 50]])
+
+    def grads(fused: bool, retain: bool):
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_()
+        if fused:
+            loss, _ = fused_linear_preference_loss(h, w, targets, pair_loss, backend="torch")
+        else:
+            logps = naive_linear_token_logprobs(h.double(), w.double(), targets).sum(-1)
+            loss = pair_loss(logps[:PAIRS], logps[PAIRS:])
+        total = loss + torch.nn.functional.embedding(tokens, w).double().sum() * 0.01  # the tied input embedding
+        total.backward(retain_graph=retain)
+        first = (h.grad.clone(), w.grad.clone())
+        if retain:
+            h.grad, w.grad = None, None
+            total.backward()
+            torch.testing.assert_close((h.grad, w.grad), first, atol=0, rtol=0)
+        return first
+
+    got, want = grads(True, True), grads(False, False)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.15, rtol=0.05)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
 
 
 def test_gradcheck_fp64():

@@ -87,8 +87,8 @@ def test_conftest_tiny_llama_tied(tiny_model_dir):
     assert model.lm_head.weight is model.model.embed_tokens.weight
     batch = make_batch(model.config.vocab_size)
     assert_fused_matches_logits_path(model, batch)
-    # The model's own head projected one position per sequence, never [batch, seq, vocab].
-    assert lm_head_output_shapes(model, batch) == [(2, 1, model.config.vocab_size)]
+    # The model's own head projected no position (an empty index), never [batch, seq, vocab].
+    assert lm_head_output_shapes(model, batch) == [(2, 0, model.config.vocab_size)]
 
 
 @pytest.mark.parametrize("tied", [False, True])
