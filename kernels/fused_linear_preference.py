@@ -34,8 +34,9 @@ does the same with in-place torch ops. Statistics and accumulators are fp32 for 
 inputs. grad_W of a call that is a single tile (one pair per forward: the CPU learners) is
 that tile's product itself, in the weight's dtype: what an fp32 accumulator starting at zero
 would round back to, without a [V, H] fp32 buffer to zero, add into and convert (on a CPU
-those passes over V x H cost more than the matmul). ZeRO-3: the partitioned weight is gathered around the call (``zero3.py``); the
-backward needs no weight, only ``hold_gathered_for_accumulation`` for grad_W.
+those passes over V x H cost more than the matmul). ZeRO-3: the partitioned weight is
+gathered around the call (``zero3.py``); the backward needs no weight, only
+``hold_gathered_for_accumulation`` for grad_W.
 """
 from __future__ import annotations
 
