@@ -87,6 +87,8 @@ class Learner:
         self.untrained_from: Optional[str] = None  # see _load_reference
         self.received_digest = ""
         self.round_idx = 0  # the round trained last
+        self.reference_cache, self.reference_cache_of = None, None  # see setup and _reference_logps
+        self.reference_sequences = (0, 0)  # (run through the reference, needed) last round, this rank
 
     # ---- set-up -------------------------------------------------------------------------
     def address(self) -> Tuple[str, int]:
@@ -138,6 +140,10 @@ class Learner:
         self.tokenizer = load_tokenizer(spec.policy_path, spec.trust_remote_code)
         self.engine = self._engine(spec.policy_path, with_optimizer=True)
         self.untrained_from = spec.policy_path  # the folder the policy's weights still equal (None once trained)
+        if (spec.reference_path, spec.dtype) != self.reference_cache_of:  # a frozen reference's values, kept
+            from selfrefine_dist.refine.reference_cache import ReferenceCache
+
+            self.reference_cache, self.reference_cache_of = ReferenceCache(), (spec.reference_path, spec.dtype)
 
     def _engine(self, path: str, with_optimizer: bool):
         from selfrefine_dist.train.ds_config import deepspeed_config, resolve_zero_stage
@@ -180,29 +186,22 @@ class Learner:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         reset_peak_rss()
         t0 = time.perf_counter()
-        reference = self._load_reference()
         # Packed rows (prompt once per pair) need the fused head and an attention that takes a 4D mask.
-        packed = self.spec.shared_prompt and accepts_4d_masks(self.engine) and accepts_4d_masks(reference)
+        packed = self.spec.shared_prompt and accepts_4d_masks(self.engine)
         collate = collate_packed_pairs if packed else collate_pairs
-        # [step][accumulation][part]: each micro-batch in parts of pairs_per_forward pairs
-        batches = [[[collate(micro[i:i + self.pairs_per_forward], pad)
-                     for i in range(0, len(micro), self.pairs_per_forward)] for micro in step] for step in shard]
-
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
-        ref_logps = self._reference_logps(reference, batches)  # once per round, never per step
+        ref_logps = self._reference_logps(shard, pad)  # [step][micro] (chosen, rejected): once per round
         self.untrained_from = None  # the steps below move the policy away from its folder
-        steps = [[ReferencedMicroBatch(tuple(parts), ref_chosen, ref_rejected)
-                  for parts, (ref_chosen, ref_rejected) in zip(step_parts, step_refs)]
-                 for step_parts, step_refs in zip(batches, ref_logps)]
-        del batches, ref_logps
-        # A loaded reference would only hold memory while the policy trains: free it (gc: the engine and
-        # its module hold reference cycles). Next round loads the same frozen folder: the same log-probs.
-        if reference is not self.engine:
-            reference.destroy()
-        del reference
-        gc.collect()
+        # [step][accumulation][part]: each micro-batch in parts of pairs_per_forward pairs
+        steps = [[ReferencedMicroBatch(tuple(collate(micro[i:i + self.pairs_per_forward], pad)
+                                             for i in range(0, len(micro), self.pairs_per_forward)),
+                                       ref_chosen, ref_rejected)
+                  for micro, (ref_chosen, ref_rejected) in zip(step, step_refs)]
+                 for step, step_refs in zip(shard, ref_logps)]
+        del ref_logps
         reference_s = time.perf_counter() - t0
         reference_peak_gib = self._max_over_ranks(peak_rss_bytes()) / GIB
+        reference_run, reference_needed = (self._sum_over_ranks(n) for n in self.reference_sequences)
 
         from selfrefine_dist.train.schedule import WarmupThenDecay
 
@@ -227,6 +226,7 @@ class Learner:
                 means, round=round_idx, lr=lr, grad_norm=grad_norm(self.engine), step_s=step_s,
                 tokens_per_s=all_tokens / step_s, reference_s=reference_s, shared_prompt=packed,
                 step_cpu_s=self._sum_over_ranks(step_cpu_s),  # CPU seconds, all ranks' processes
+                reference_sequences_run=reference_run, reference_sequences=reference_needed,
                 peak_rss_gib=self._max_over_ranks(peak_rss_bytes()) / GIB, reference_peak_rss_gib=reference_peak_gib))
             history.append(metrics)
             if self.rank == 0:  # progress, forwarded to the driver's console by Ray
@@ -304,22 +304,53 @@ class Learner:
             return self.engine
         return self._engine(self.spec.reference_path, with_optimizer=False)
 
+    def _reference_logps(self, shard: List[List[list]], pad: int) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """[step][micro] -> (chosen [B], rejected [B]) summed reference log-probs of the shard's pairs.
+
+        Each distinct sequence runs through the reference once (``refine/reference_cache.py``); under a
+        frozen reference the values are kept across rounds, and a round whose sequences are all known
+        loads no reference. Ranks run the same number of forwards (ZeRO-3 gathers weights in each).
+        """
+        from selfrefine_dist.models.logprobs import accepts_4d_masks
+        from selfrefine_dist.refine.preference_data import collate_sequences
+        from selfrefine_dist.refine.reference_cache import ReferenceCache, reference_batches
+
+        # the policy-as-reference moves every round: its values serve this round only
+        cache = self.reference_cache if self.spec.reference_path is not None else ReferenceCache()
+        groups = cache.missing([ex for step in shard for micro in step for ex in micro])
+        self.reference_sequences = (sum(len(g.responses) for g in groups),
+                                    2 * sum(len(micro) for step in shard for micro in step))
+        if self._max_over_ranks(self.reference_sequences[0]) > 0:
+            reference = self._load_reference()
+            was_training = reference.training
+            reference.eval()
+            packed = self.spec.shared_prompt and accepts_4d_masks(reference)
+            batches = list(reference_batches(groups, packed, pad, self.pairs_per_forward))
+            # A rank with fewer new sequences joins the others' forwards with a filler row: under ZeRO-3
+            # every forward gathers weights from all ranks. The count is agreed before any forward.
+            forwards = int(self._max_over_ranks(len(batches)))
+            filler = (collate_sequences([((pad,), (pad,))], pad), [])
+            with torch.no_grad():
+                for batch, keys in batches + [filler] * (forwards - len(batches)):
+                    logps = self._sequence_logps(reference, batch)[0]
+                    if keys:
+                        cache.store(keys, logps)
+            reference.train(was_training)
+            # A loaded reference would only hold memory while the policy trains: free it (gc: the engine
+            # and its module hold reference cycles).
+            if reference is not self.engine:
+                reference.destroy()
+            del reference
+            gc.collect()
+        return [[cache.pair_logps(micro) for micro in step] for step in shard]
+
     @torch.no_grad()
-    def _reference_logps(self, model, batches) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
-        """[step][micro] -> (chosen, rejected) summed log-probs [B] under ``model``, from the micro-batches' parts."""
+    def _forward_logps(self, model, batches) -> List[torch.Tensor]:
+        """Summed response log-probs of each batch's rows under ``model`` in eval mode ([2B] per preference
+        batch: chosen rows, then rejected), the way the reference pass runs them."""
         was_training = model.training
         model.eval()
-        out = []
-        for micro_batches in batches:
-            row = []
-            for parts in micro_batches:
-                chosen, rejected = [], []
-                for batch in parts:
-                    logps, _ = self._sequence_logps(model, batch)
-                    chosen.append(logps[: batch.num_pairs].clone())
-                    rejected.append(logps[batch.num_pairs:].clone())
-                row.append((torch.cat(chosen), torch.cat(rejected)))
-            out.append(row)
+        out = [self._sequence_logps(model, batch)[0] for batch in batches]
         model.train(was_training)
         return out
 

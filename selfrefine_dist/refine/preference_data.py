@@ -14,7 +14,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair
+from selfrefine_dist.refine.records import (PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair,
+                                            SequenceBatch)
 
 IGNORE_INDEX = -100
 
@@ -52,9 +53,8 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_len: int) -> 
     return kept, dict(dropped)
 
 
-def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PreferenceBatch:
-    """Chosen sequences first, then rejected, right-padded to one width."""
-    sequences = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [(ex.prompt_ids, ex.rejected_ids) for ex in examples]
+def collate_sequences(sequences: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]], pad_token_id: int) -> SequenceBatch:
+    """(prompt ids, response ids) per row, right-padded to one width; labels on the response tokens."""
     width = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -64,8 +64,15 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> P
         input_ids[row, :n] = torch.tensor(prompt + response)
         labels[row, len(prompt):n] = torch.tensor(response)
         attention_mask[row, :n] = 1
-    return PreferenceBatch(uids=tuple(ex.uid for ex in examples), input_ids=input_ids,
-                           attention_mask=attention_mask, labels=labels)
+    return SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PreferenceBatch:
+    """Chosen sequences first, then rejected, right-padded to one width."""
+    sequences = [(ex.prompt_ids, ex.chosen_ids) for ex in examples] + [(ex.prompt_ids, ex.rejected_ids) for ex in examples]
+    rows = collate_sequences(sequences, pad_token_id)
+    return PreferenceBatch(uids=tuple(ex.uid for ex in examples), input_ids=rows.input_ids,
+                           attention_mask=rows.attention_mask, labels=rows.labels)
 
 
 def collate_packed_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PackedPreferenceBatch:

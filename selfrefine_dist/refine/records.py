@@ -2,6 +2,7 @@
 
     GenerationRequest (sampling) -> GeneratedText -> ScoredPath -> PreferencePair
         -> PreferenceExample (token ids) -> PreferenceBatch / PackedPreferenceBatch (tensors)
+           (the reference pass: each distinct sequence once, packed in pairs or in a SequenceBatch)
         -> ReferencedMicroBatch (its parts + reference log-probs) -> HeadInputs -> dpo_loss
         -> DPOStepMetrics (one per optimizer step, back to the driver)
 """
@@ -104,6 +105,21 @@ class PreferenceBatch:
 
 
 @dataclass
+class SequenceBatch:
+    """N single sequences (prompt + response), one per row, right-padded: what the reference pass runs
+    for the responses it has no partner for (``refine/reference_cache.py``).
+
+    input_ids:      [N, T] long, pad after each sequence.
+    attention_mask: [N, T] long, 1 on real tokens.
+    labels:         [N, T] long, -100 on prompt and padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
 class PackedPreferenceBatch:
     """B pairs, one row each: prompt + chosen + rejected, so the prompt runs through the model once.
 
@@ -203,6 +219,10 @@ class DPOStepMetrics:
     step_cpu_s: float = float("nan")  # CPU seconds of the step, all ranks' processes together
     peak_rss_gib: float = float("nan")  # largest peak resident memory of any rank during the step
     reference_peak_rss_gib: float = float("nan")
+    # sequences (pairs x 2, all ranks) the round's reference log-probs cover, and how many of them ran
+    # through the reference: the others repeat a sequence or were known from an earlier round
+    reference_sequences: float = float("nan")
+    reference_sequences_run: float = float("nan")
     nll_loss: Optional[float] = None  # RPO's NLL term on the chosen responses, when rpo_alpha is set
 
     def as_dict(self) -> dict:

@@ -26,21 +26,28 @@ examples, tok = preference_examples(model_dir, n=8)
 plan = plan_round(examples, world_size=1, micro_batch_size=4, grad_accum=1, epochs=1, seed=0)
 learner = Learner(0, 1)
 learner.setup(spec, "127.0.0.1", free_port())
-batches = [[[collate_packed_pairs([ex], tok.pad_token_id) for ex in micro] for micro in step] for step in plan.shards[0]]
+batches = [collate_packed_pairs([ex], tok.pad_token_id) for step in plan.shards[0] for micro in step for ex in micro]
 
 
 def flat(logps):
-    return torch.cat([torch.cat(pair) for step in logps for pair in step]).tolist()
+    return torch.cat(logps).tolist()
 
 
 served = learner._load_reference()
-result = {"round1_serves_policy": served is learner.engine, "round1": flat(learner._reference_logps(served, batches))}
+result = {"round1_serves_policy": served is learner.engine, "round1": flat(learner._forward_logps(served, batches))}
 frozen = learner._engine(model_dir, with_optimizer=False)
-result["frozen"] = flat(learner._reference_logps(frozen, batches))
+result["frozen"] = flat(learner._forward_logps(frozen, batches))
 frozen.destroy()
-learner.train_round(plan.shards[0], 1)
+history = learner.train_round(plan.shards[0], 1)
+result["round1_run"] = list(learner.reference_sequences)
+result["round1_metrics"] = [h.as_dict() for h in history]
 served = learner._load_reference()
 result["round2_serves_policy"] = served is learner.engine
-result["round2"] = flat(learner._reference_logps(served, batches))
+result["round2"] = flat(learner._forward_logps(served, batches))
+served.destroy()
+# the same pairs again: every sequence's frozen-reference log-prob is known, no reference runs
+history = learner.train_round(plan.shards[0], 2)
+result["round2_run"] = list(learner.reference_sequences)
+result["round2_metrics"] = [h.as_dict() for h in history]
 with open(out, "w") as f:
     json.dump(result, f)

@@ -24,3 +24,15 @@ def test_untrained_policy_serves_as_its_own_reference(tiny_model_dir, tmp_path, 
     assert result["round1"] == result["frozen"]  # equal floats, not close ones
     # after a round of steps the frozen reference is loaded again: the same log-probs as before
     assert result["round2"] == result["frozen"]
+    # each round's sequences (8 pairs, 16 distinct responses): round 1 runs all of them through the
+    # reference; round 2 trains the same pairs and knows every value (the frozen reference's, kept)
+    assert result["round1_run"] == [16, 16] and result["round2_run"] == [0, 16]
+    for got, want in zip(result["round2_metrics"], result["round1_metrics"]):
+        assert (got["reference_sequences_run"], got["reference_sequences"]) == (0, 16)
+        assert reference_means(got) == pytest.approx(reference_means(want), rel=1e-6)
+
+
+def reference_means(metrics, beta=0.1):
+    """Mean reference log-prob of the step's chosen and rejected paths, from TRL's metrics
+    (rewards = beta * (policy - reference), logps = policy)."""
+    return [metrics[f"logps/{side}"] - metrics[f"rewards/{side}"] / beta for side in ("chosen", "rejected")]
