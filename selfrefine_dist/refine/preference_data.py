@@ -13,9 +13,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
-from selfrefine_dist.refine.records import (PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair,
-                                            SequenceBatch)
+from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair
 
 IGNORE_INDEX = -100
 
@@ -53,8 +53,9 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer, max_len: int) -> 
     return kept, dict(dropped)
 
 
-def collate_sequences(sequences: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]], pad_token_id: int) -> SequenceBatch:
-    """(prompt ids, response ids) per row, right-padded to one width; labels on the response tokens."""
+def collate_sequences(sequences: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]]], pad_token_id: int) -> SFTBatch:
+    """(prompt ids, response ids) per row, right-padded to one width; labels on the response tokens
+    (the same record as an SFT micro-batch: the reference pass runs it the same way)."""
     width = max(len(p) + len(r) for p, r in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
@@ -64,7 +65,7 @@ def collate_sequences(sequences: Sequence[Tuple[Tuple[int, ...], Tuple[int, ...]
         input_ids[row, :n] = torch.tensor(prompt + response)
         labels[row, len(prompt):n] = torch.tensor(response)
         attention_mask[row, :n] = 1
-    return SequenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    return SFTBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
 
 def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PreferenceBatch:

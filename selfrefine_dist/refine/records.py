@@ -2,7 +2,7 @@
 
     GenerationRequest (sampling) -> GeneratedText -> ScoredPath -> PreferencePair
         -> PreferenceExample (token ids) -> PreferenceBatch / PackedPreferenceBatch (tensors)
-           (the reference pass: each distinct sequence once, packed in pairs or in a SequenceBatch)
+           (the reference pass: each distinct sequence once, packed in pairs or single rows in an SFTBatch)
         -> ReferencedMicroBatch (its parts + reference log-probs) -> HeadInputs -> dpo_loss
         -> DPOStepMetrics (one per optimizer step, back to the driver)
 """
@@ -102,21 +102,6 @@ class PreferenceBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
-
-
-@dataclass
-class SequenceBatch:
-    """N single sequences (prompt + response), one per row, right-padded: what the reference pass runs
-    for the responses it has no partner for (``refine/reference_cache.py``).
-
-    input_ids:      [N, T] long, pad after each sequence.
-    attention_mask: [N, T] long, 1 on real tokens.
-    labels:         [N, T] long, -100 on prompt and padding.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
 
 
 @dataclass

@@ -26,8 +26,9 @@ from typing import Dict, Iterator, List, Sequence, Tuple, Union
 
 import torch
 
+from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_sequences
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample, SequenceBatch
+from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
 
 TokenIds = Tuple[int, ...]
 
@@ -77,7 +78,7 @@ class ReferenceCache:
         return torch.tensor(chosen, dtype=torch.float32), torch.tensor(rejected, dtype=torch.float32)
 
 
-ReferenceBatch = Union[PackedPreferenceBatch, SequenceBatch]
+ReferenceBatch = Union[PackedPreferenceBatch, SFTBatch]
 
 
 def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_id: int,

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.models.loading import load_causal_lm
 from selfrefine_dist.models.logprobs import decoder_hidden_states
 from selfrefine_dist.refine.reference_cache import ReferenceCache, reference_batches, sequence_key
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample, SequenceBatch
+from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
 from selfrefine_dist.train.distributed import free_port
 
 
@@ -77,14 +78,14 @@ def test_batches_give_each_sequence_its_own_log_prob(tiny_model_dir, packed, per
     kinds = [type(b).__name__ for b, _ in batches]
     if packed:  # q1: three responses, a packed twin and one alone; q2: a twin
         assert kinds.count("PackedPreferenceBatch") == (2 if per_forward == 1 else 1)
-        assert kinds.count("SequenceBatch") == 1
+        assert kinds.count("SFTBatch") == 1
     else:
-        assert set(kinds) == {"SequenceBatch"} and len(batches) == math.ceil(5 / (2 * per_forward))
+        assert set(kinds) == {"SFTBatch"} and len(batches) == math.ceil(5 / (2 * per_forward))
     keys = [k for _, ks in batches for k in ks]
     assert sorted(keys) == sorted({sequence_key(g.prompt_ids, r) for g in groups for r in g.responses})
     cache = ReferenceCache()
     for batch, ks in batches:
-        assert isinstance(batch, (PackedPreferenceBatch, SequenceBatch))
+        assert isinstance(batch, (PackedPreferenceBatch, SFTBatch))
         cache.store(ks, batch_logps(model, batch))
     chosen, rejected = cache.pair_logps(examples)
     want_chosen = [plain_logp(model, ex.prompt_ids, ex.chosen_ids) for ex in examples]
