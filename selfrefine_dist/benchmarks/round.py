@@ -21,7 +21,11 @@ precision (``--dtype``; ``auto`` is bf16 where the CPU multiplies bf16 fast):
 
 Ours runs first, then plain, never together. The wall time counts everything a user waits for, from
 the command to the new weights where the next round samples: process and engine starts (Ray, vLLM,
-learners; plain: every round), sampling, rewards, pairs, reference pass, DPO steps, export and sync.
+learners; plain: every round), loading the questions and the tokenizer, sampling, rewards, pairs,
+reference pass, DPO steps, export and sync. Before either side, an untimed warm-up process imports the
+libraries both use and reads the model's files, so that neither side pays for a cold page cache that
+the other then finds warm (on a 2-core AMD EPYC ours' first start took 46.7 s cold, 15.5 s warm;
+``--no-warmup`` skips it).
 Peak memory is the largest summed RSS of each side's process tree (Ray's own processes included).
 Prints the stage table per round and the ratios ours / plain (the target: <= 0.5x).
 """
@@ -118,6 +122,32 @@ def ours_stages(rounds: list[dict], started_at: float) -> list[dict]:
     return out
 
 
+WARMUP = r"""
+import importlib, json, os, sys, time
+t0 = time.perf_counter()
+for name in ("torch", "transformers", "vllm", "deepspeed", "ray", "trl"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass
+for root, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        with open(os.path.join(root, f), "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+print(f"warm-up: {time.perf_counter() - t0:.1f} s (not counted)", flush=True)
+"""
+
+
+def warm_up(model_path: str, env: dict, timeout_s: float) -> None:
+    """Import the libraries both sides use and read the model's files, untimed (see the module docstring)."""
+    proc = subprocess.run([sys.executable, "-c", WARMUP, model_path], env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"warm-up failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+    print(proc.stdout.strip(), flush=True)
+
+
 # ---------------------------------------------------------------------------------------
 # Plain: vLLM in a script, the reward in Python, TRL in a script
 
@@ -145,7 +175,10 @@ def result_line(proc: subprocess.CompletedProcess, what: str) -> dict:
 
 
 def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args, env: dict) -> tuple[list[dict], int]:
-    """The same rounds as three plain steps each; returns the rounds' stage seconds and the peak RSS."""
+    """The same rounds as three plain steps each; returns the rounds' stage seconds and the peak RSS.
+    Loading the questions and the tokenizer and rendering the prompts count in round 1 ("other"), as
+    ours' do."""
+    t_prepare = time.perf_counter()
     from selfrefine_dist.data.sft_dataset import render_prompt
     from selfrefine_dist.data.sources import load_slices
     from selfrefine_dist.data.tasks import get_task
@@ -163,7 +196,7 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
     global_batch = cfg.refine.num_learners * cfg.dpo.micro_batch_size * cfg.dpo.grad_accum
     rounds, peak, model = [], 0, model_path
     for r, ours in enumerate(ours_rounds, 1):
-        t_round = time.perf_counter()
+        t_round = t_prepare if r == 1 else time.perf_counter()
         samples_file = work / f"plain_samples_{r}.json"
         spec = dict(model=model, dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], cpus=args.cpus,
                     kv_cache_gib=cfg.sampler.kv_cache_gib, max_model_len=cfg.sampler.max_model_len,
@@ -264,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="threads of the samplers and TRL")
     parser.add_argument("--kv-cache-gib", type=int, default=2)
     parser.add_argument("--ours-only", action="store_true", help="skip the plain side (it needs TRL: the bench extra)")
+    parser.add_argument("--no-warmup", action="store_true", help="time both sides from whatever the page cache holds")
     parser.add_argument("--keep-work", action="store_true", help="keep the models and runs it wrote (removed by default)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per process")
     parser.add_argument("--_ours", help=argparse.SUPPRESS)
@@ -287,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
 
+    if not args.no_warmup:
+        warm_up(model_path, env, args.timeout)
     started_at = time.time()
     run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.round", "--_ours",
                     json.dumps({"overrides": overrides})], env, args.timeout * args.rounds)

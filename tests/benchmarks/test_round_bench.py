@@ -1,7 +1,7 @@
-"""``python -m selfrefine_dist.benchmarks.round`` at a toy size: our two rounds (Ray, a vLLM sampler actor,
-a DeepSpeed learner) and, where TRL is installed (the ``bench`` extra), the same rounds as plain vLLM + TRL
-scripts; the stage table prints, each round's stages lie inside its wall time, both sides train the same
-number of DPO steps."""
+"""``python -m selfrefine_dist.benchmarks.round`` at a toy size: after an untimed warm-up, our two rounds (Ray,
+a vLLM sampler actor, a DeepSpeed learner) and, where TRL is installed (the ``bench`` extra), the same rounds
+as plain vLLM + TRL scripts; the stage table prints, each round's stages lie inside its wall time, both
+sides train the same number of DPO steps."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +27,7 @@ def test_round_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
     out = capsys.readouterr().out
     print(out)
     assert re.search(r"# Round benchmark: .* fp32, 4 chain_sum questions x 2 paths x 8 tokens", out), out
+    assert re.search(r"warm-up: [\d.]+ s \(not counted\)", out), out  # both sides start from a warm page cache
     from test_dpo_bench import table_rows
 
     rows = {name: cells[1:] for name, cells in table_rows(out).items()}
