@@ -38,6 +38,7 @@ from selfrefine_dist.refine.learner_group import LearnerDied, LearnerGroup
 from selfrefine_dist.refine.pairs import build_pairs
 from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
 from selfrefine_dist.refine.records import DPOStepMetrics, PreferencePair, ScoredPath, examples_digest
+from selfrefine_dist.refine.reference_cache import load_tables, save_table
 from selfrefine_dist.refine.scoring import sample_stats, score_paths
 from selfrefine_dist.refine.sync import make_weight_sync
 from selfrefine_dist.sampling.records import GenerationRequest, SamplingSettings
@@ -47,6 +48,7 @@ from selfrefine_dist.stages import Stage, StageLedger
 from selfrefine_dist.tracking import MetricsLogger
 
 DIRECT_MAX_NEW_TOKENS = 32  # a direct answer is one sentence
+REFERENCE_TABLE = "reference_logps.json"  # a round's new frozen-reference log-probs (refine/reference_cache.py)
 
 
 class SelfRefineLoop:
@@ -191,7 +193,7 @@ class SelfRefineLoop:
         t0 = time.perf_counter()
         # Preference batches travel to the learners through the object store.
         shard_refs = [ray.put(shard) for shard in plan.shards]
-        train_refs = learners.train_round_async(shard_refs, r)
+        train_refs = learners.train_round_async(shard_refs, r, self.known_reference_logps(r))
         if cfg.refine.mode == "async" and r < cfg.refine.rounds:
             self.samples(r + 1, self.samples_stage(r + 1))  # sampled with version r-1 while the learners train round r
         history = learners.wait(train_refs, "training")[0]
@@ -199,6 +201,8 @@ class SelfRefineLoop:
         if learners.digests() != expected:
             raise RuntimeError(f"round {r}: the pairs the learners received differ from the pairs built")
         artifacts.write_jsonl(history_file, [h.as_dict() for h in history])
+        if cfg.dpo.reference == "sft":
+            save_table(out / REFERENCE_TABLE, learners.computed_reference_logps(), self.model_fps[0], self.dtype)
         seconds["dpo"] = time.perf_counter() - t0
         seconds["reference_logps"] = history[0].reference_s if history else 0.0
         for i, h in enumerate(history):
@@ -209,6 +213,14 @@ class SelfRefineLoop:
         self.learners_at = self.model_fps[r]
         self.ledger.finished(stage)
         return history
+
+    def known_reference_logps(self, r: int) -> Optional[Dict[str, float]]:
+        """Under the frozen SFT reference: the values rounds 1..r-1 computed (their saved tables), so that
+        round r's reference pass runs the same sequences, in the same batches, in a run started again."""
+        if self.cfg.dpo.reference != "sft":
+            return None
+        return load_tables([artifacts.round_dir(self.run_dir, i) / REFERENCE_TABLE for i in range(1, r)],
+                           self.model_fps[0], self.dtype)
 
     def start_learners(self, r: int, samples: Stage, dpo: Stage) -> None:
         """Start round ``r``'s learners ahead of its DPO, as ``refine.learner_start`` says (see the module

@@ -89,6 +89,8 @@ class Learner:
         self.round_idx = 0  # the round trained last
         self.reference_cache, self.reference_cache_of = None, None  # see setup and _reference_logps
         self.reference_sequences = (0, 0)  # (run through the reference, needed) last round, this rank
+        self.reference_computed: List[bytes] = []  # keys of the sequences this rank ran last round ...
+        self.last_reference_cache = None  # ... and the cache that holds their values
 
     # ---- set-up -------------------------------------------------------------------------
     def address(self) -> Tuple[str, int]:
@@ -172,9 +174,12 @@ class Learner:
         self.untrained_from = None
 
     # ---- one round ----------------------------------------------------------------------
-    def train_round(self, shard: List[List[list]], round_idx: int) -> List[DPOStepMetrics]:
+    def train_round(self, shard: List[List[list]], round_idx: int,
+                    known_reference_logps: Optional[Dict[str, float]] = None) -> List[DPOStepMetrics]:
         """DPO on this rank's share of the round: [step][accumulation] -> PreferenceExamples.
 
+        ``known_reference_logps`` (hex sequence key -> log-prob): under a frozen reference, the values
+        of the rounds before (the loop's saved tables), replacing what this rank kept; None keeps them.
         Returns one ``DPOStepMetrics`` per optimizer step (averaged over ranks; every rank returns them).
         """
         from selfrefine_dist.models.logprobs import accepts_4d_masks
@@ -190,6 +195,10 @@ class Learner:
         packed = self.spec.shared_prompt and accepts_4d_masks(self.engine)
         collate = collate_packed_pairs if packed else collate_pairs
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
+        if known_reference_logps is not None and self.spec.reference_path is not None:
+            from selfrefine_dist.refine.reference_cache import ReferenceCache
+
+            self.reference_cache = ReferenceCache.from_table(known_reference_logps)
         ref_logps = self._reference_logps(shard, pad)  # [step][micro] (chosen, rejected): once per round
         self.untrained_from = None  # the steps below move the policy away from its folder
         # [step][accumulation][part]: each micro-batch in parts of pairs_per_forward pairs
@@ -318,6 +327,7 @@ class Learner:
         # the policy-as-reference moves every round: its values serve this round only
         cache = self.reference_cache if self.spec.reference_path is not None else ReferenceCache()
         groups = cache.missing([ex for step in shard for micro in step for ex in micro])
+        self.reference_computed, self.last_reference_cache = [], cache
         self.reference_sequences = (sum(len(g.responses) for g in groups),
                                     2 * sum(len(micro) for step in shard for micro in step))
         if self._max_over_ranks(self.reference_sequences[0]) > 0:
@@ -330,6 +340,7 @@ class Learner:
             # every forward gathers weights from all ranks. The count is agreed before any forward.
             forwards = int(self._max_over_ranks(len(batches)))
             filler = (collate_sequences([((pad,), (pad,))], pad), [])
+            self.reference_computed = [key for _, keys in batches for key in keys]
             with torch.no_grad():
                 for batch, keys in batches + [filler] * (forwards - len(batches)):
                     logps = self._sequence_logps(reference, batch)[0]
@@ -343,6 +354,10 @@ class Learner:
             del reference
             gc.collect()
         return [[cache.pair_logps(micro) for micro in step] for step in shard]
+
+    def computed_reference_logps(self) -> Dict[str, float]:
+        """The values this rank's last reference pass computed (hex sequence key -> log-prob)."""
+        return self.last_reference_cache.table(self.reference_computed) if self.reference_computed else {}
 
     @torch.no_grad()
     def _forward_logps(self, model, batches) -> List[torch.Tensor]:

@@ -115,15 +115,28 @@ class LearnerGroup:
         self.ready()
         ray.get([a.restore.remote(ckpt_root, round_idx) for a in self.actors])
 
-    def train_round_async(self, shard_refs: Sequence[ray.ObjectRef], round_idx: int) -> List[ray.ObjectRef]:
-        """Start a round's DPO; ``shard_refs[r]`` is rank r's share in the object store."""
+    def train_round_async(self, shard_refs: Sequence[ray.ObjectRef], round_idx: int,
+                          known_reference_logps: Optional[Dict[str, float]] = None) -> List[ray.ObjectRef]:
+        """Start a round's DPO; ``shard_refs[r]`` is rank r's share in the object store
+        (``known_reference_logps``: see ``Learner.train_round``)."""
         assert len(shard_refs) == len(self.actors)
         self.ready()
         self.round_idx = round_idx
-        return [a.train_round.remote(ref, round_idx) for a, ref in zip(self.actors, shard_refs)]
+        known = ray.put(known_reference_logps)
+        return [a.train_round.remote(ref, round_idx, known) for a, ref in zip(self.actors, shard_refs)]
 
-    def train_round(self, shard_refs: Sequence[ray.ObjectRef], round_idx: int) -> List[Dict[str, float]]:
-        return self.wait(self.train_round_async(shard_refs, round_idx), "training")[0]
+    def train_round(self, shard_refs: Sequence[ray.ObjectRef], round_idx: int,
+                    known_reference_logps: Optional[Dict[str, float]] = None) -> List[Dict[str, float]]:
+        return self.wait(self.train_round_async(shard_refs, round_idx, known_reference_logps), "training")[0]
+
+    def computed_reference_logps(self) -> Dict[str, float]:
+        """The values the ranks' last reference pass computed (hex key -> log-prob); a sequence two ranks
+        ran has the lower rank's value."""
+        table: Dict[str, float] = {}
+        for rank_table in ray.get([a.computed_reference_logps.remote() for a in self.actors]):
+            for key, logp in rank_table.items():
+                table.setdefault(key, logp)
+        return table
 
     def digests(self) -> List[str]:
         return ray.get([a.digest.remote() for a in self.actors])

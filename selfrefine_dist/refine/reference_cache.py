@@ -11,21 +11,28 @@ and looks the pairs' values up by sequence:
         cache.store(keys, summed_logps(reference, batch))      # [rows] -> one float per sequence key
     ref_chosen, ref_rejected = cache.pair_logps(micro_batch)  # [B], [B]
 
-Under a frozen reference (``dpo.reference: sft``) a sequence's log-prob never changes: the learner keeps
-its cache across rounds, and a round whose sequences are all known loads no reference at all. Under the
-policy-as-reference the cache lives for one round. A learner that restarts (a resumed run) starts with
-an empty cache and recomputes: the same values within float rounding (a sequence computed in another
-batch runs through other kernel blockings).
+Under a frozen reference (``dpo.reference: sft``) a sequence's log-prob never changes: the values are
+kept across rounds, and a round whose sequences are all known loads no reference at all. Under the
+policy-as-reference the cache lives for one round.
+
+Kept values are a run artifact, not a process's memory: a sequence computed in another batch runs
+through other kernel blockings and gets another float, so a restarted learner that recomputed would
+train on other numbers than the run it resumes. The loop writes each round's new values to
+``rounds/round_NN/reference_logps.json`` (``save_table``) and hands the learners the table of the
+rounds before (``load_tables``): a resumed round's reference pass runs the same batches and its
+losses equal the uninterrupted run's.
 """
 from __future__ import annotations
 
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence, Tuple, Union
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple, Union
 
 import torch
 
+from selfrefine_dist import artifacts
 from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_sequences
 from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
@@ -52,6 +59,15 @@ class ReferenceCache:
     """Summed reference log-prob of each sequence computed so far (``sequence_key`` -> float)."""
 
     logps: Dict[bytes, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: Dict[str, float]) -> "ReferenceCache":
+        """The cache of a table (``table``): hex sequence key -> summed log-prob."""
+        return cls({bytes.fromhex(key): float(logp) for key, logp in table.items()})
+
+    def table(self, keys: Iterable[bytes]) -> Dict[str, float]:
+        """The values of ``keys`` as a table (hex key -> log-prob), for a file or another process."""
+        return {key.hex(): self.logps[key] for key in keys}
 
     def missing(self, examples: Sequence[PreferenceExample]) -> List[SequenceGroup]:
         """The examples' sequences not in the cache, each once, grouped by prompt (first-seen order)."""
@@ -109,3 +125,26 @@ def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_i
     for i in range(0, len(singles), rows):
         part = singles[i:i + rows]
         yield collate_sequences(part, pad_token_id), [sequence_key(prompt, response) for prompt, response in part]
+
+
+def save_table(path: Path, table: Dict[str, float], reference: str, dtype: str) -> None:
+    """Write ``table`` (hex key -> log-prob) as the values of reference model ``reference`` (its stage
+    fingerprint) in ``dtype``."""
+    artifacts.write_json(path, {"reference": reference, "dtype": dtype, "logps": table}, indent=0)
+
+
+def load_tables(paths: Sequence[Path], reference: str, dtype: str) -> Dict[str, float]:
+    """The union of the tables at ``paths`` written for ``reference`` in ``dtype`` (a missing file, or one
+    of another reference, adds nothing: its sequences are computed again). A value in two tables is the
+    earlier path's."""
+    table: Dict[str, float] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        saved = artifacts.read_json(path)
+        if not isinstance(saved, dict) or not isinstance(saved.get("logps"), dict):
+            raise ValueError(f"{path}: not a table of reference log-probs (no 'logps' object)")
+        if (saved.get("reference"), saved.get("dtype")) == (reference, dtype):
+            for key, logp in saved["logps"].items():
+                table.setdefault(key, logp)
+    return table

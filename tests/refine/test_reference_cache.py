@@ -12,7 +12,8 @@ import torch
 from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.models.loading import load_causal_lm
 from selfrefine_dist.models.logprobs import decoder_hidden_states
-from selfrefine_dist.refine.reference_cache import ReferenceCache, reference_batches, sequence_key
+from selfrefine_dist.refine.reference_cache import ReferenceCache, load_tables, reference_batches, save_table
+from selfrefine_dist.refine.reference_cache import sequence_key
 from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
 from selfrefine_dist.train.distributed import free_port
 
@@ -38,6 +39,26 @@ def test_missing_lists_each_new_sequence_once_by_prompt():
     assert chosen.tolist() == [-1.5] and rejected.tolist() == [-0.25] and chosen.dtype == torch.float32
     with pytest.raises(ValueError, match="2 sequence keys for 1 log-probs"):
         cache.store([sequence_key(a, (4,)), sequence_key(a, (6,))], torch.tensor([0.0]))
+
+
+def test_saved_tables_give_back_the_same_floats_of_their_own_reference(tmp_path):
+    """A table written and read back holds the very floats stored (a resumed round must run with the
+    uninterrupted run's values); tables of another reference or dtype, and missing rounds, add nothing."""
+    a, b = sequence_key((1, 2), (3,)), sequence_key((1,), (2, 3))
+    cache = ReferenceCache()
+    cache.store([a, b], torch.tensor([-1.2345678, -9.87654321e-3]))  # float32 values, as the reference gives
+    round1, round2, other = tmp_path / "r1.json", tmp_path / "r2.json", tmp_path / "other.json"
+    save_table(round1, cache.table([a, b]), "sft-fp", "bfloat16")
+    save_table(round2, {a.hex(): 7.0, sequence_key((4,), (5,)).hex(): -3.0}, "sft-fp", "bfloat16")  # a: earlier wins
+    save_table(other, {sequence_key((9,), (9,)).hex(): -1.0}, "another-fp", "bfloat16")
+    table = load_tables([round1, tmp_path / "missing.json", round2, other], "sft-fp", "bfloat16")
+    assert table == {a.hex(): cache.logps[a], b.hex(): cache.logps[b], sequence_key((4,), (5,)).hex(): -3.0}
+    restored = ReferenceCache.from_table(table)
+    assert restored.logps[a] == cache.logps[a] and restored.logps[b] == cache.logps[b]
+    assert load_tables([round1], "sft-fp", "float32") == {}
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: not a table of reference log-probs"):
+        load_tables([tmp_path / "bad.json"], "sft-fp", "bfloat16")
 
 
 def summed_logps(logits, targets):
