@@ -89,8 +89,7 @@ class Learner:
         self.round_idx = 0  # the round trained last
         self.reference_cache, self.reference_cache_of = None, None  # see setup and _reference_logps
         self.reference_sequences = (0, 0)  # (run through the reference, needed) last round, this rank
-        self.reference_computed: List[bytes] = []  # keys of the sequences this rank ran last round ...
-        self.last_reference_cache = None  # ... and the cache that holds their values
+        self.reference_computed: Dict[str, float] = {}  # the values this rank's last reference pass computed
 
     # ---- set-up -------------------------------------------------------------------------
     def address(self) -> Tuple[str, int]:
@@ -327,7 +326,7 @@ class Learner:
         # the policy-as-reference moves every round: its values serve this round only
         cache = self.reference_cache if self.spec.reference_path is not None else ReferenceCache()
         groups = cache.missing([ex for step in shard for micro in step for ex in micro])
-        self.reference_computed, self.last_reference_cache = [], cache
+        self.reference_computed = {}
         self.reference_sequences = (sum(len(g.responses) for g in groups),
                                     2 * sum(len(micro) for step in shard for micro in step))
         if self._max_over_ranks(self.reference_sequences[0]) > 0:
@@ -340,13 +339,13 @@ class Learner:
             # every forward gathers weights from all ranks. The count is agreed before any forward.
             forwards = int(self._max_over_ranks(len(batches)))
             filler = (collate_sequences([((pad,), (pad,))], pad), [])
-            self.reference_computed = [key for _, keys in batches for key in keys]
             with torch.no_grad():
                 for batch, keys in batches + [filler] * (forwards - len(batches)):
                     logps = self._sequence_logps(reference, batch)[0]
                     if keys:
                         cache.store(keys, logps)
             reference.train(was_training)
+            self.reference_computed = cache.table(key for _, keys in batches for key in keys)
             # A loaded reference would only hold memory while the policy trains: free it (gc: the engine
             # and its module hold reference cycles).
             if reference is not self.engine:
@@ -357,7 +356,7 @@ class Learner:
 
     def computed_reference_logps(self) -> Dict[str, float]:
         """The values this rank's last reference pass computed (hex sequence key -> log-prob)."""
-        return self.last_reference_cache.table(self.reference_computed) if self.reference_computed else {}
+        return self.reference_computed
 
     @torch.no_grad()
     def _forward_logps(self, model, batches) -> List[torch.Tensor]:

@@ -13,6 +13,10 @@ ourselves (begin, load bucket after bucket, finish) so buckets stream in. One
 gap, fixed in ``finish_weight_sync``: a tied lm_head shares the embedding's
 tensor but keeps its own packed copy, which the reload does not rebuild; left
 alone, logits came from the old weights (verified against transformers).
+A layer the weights sent held nothing of keeps its old tensors, and vLLM only
+warns; ``layers_sent_nothing`` reads that from the reload's own per-layer
+records before it finishes, so the sync fails instead (a logging filter alone
+missed it once in a full test run: the warning is not guaranteed to reach us).
 
 Checksums on CPU. A packed weight cannot be read back, so
 ``install_packed_weight_recorder`` (called before the engine starts, in the same
@@ -32,20 +36,28 @@ PACKED_SHA256_ATTR = "packed_weight_sha256"
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
-class KeptLayers(logging.Filter):
-    """Collects the layers vLLM's reload put back unchanged ("<Layer>: Failed to load weights": the
-    weights sent held none of their tensors) instead of letting each sync print them."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers: List[str] = []
+class QuietKeptLayers(logging.Filter):
+    """Drops vLLM's "<Layer>: Failed to load weights" lines (expected on every sync for a tied lm_head and
+    the rotary cache; ``layers_sent_nothing`` decides which ones are errors)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.endswith(": Failed to load weights"):
-            self.layers.append(message.split(":")[0])
-            return False
-        return True
+        return not record.getMessage().endswith(": Failed to load weights")
+
+
+def layers_sent_nothing(model: torch.nn.Module) -> List[str]:
+    """Class names of the layers a layerwise reload in progress received none of their tensors for, and
+    will therefore put back unchanged: vLLM's own condition for its warning, read from its per-layer
+    records (call before ``finalize_layerwise_reload``, which clears them)."""
+    from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    names = []
+    for layer in model.modules():
+        info = LAYERWISE_INFO.get(layer)
+        if (info is not None and info.can_load() and not is_deferred_attention_layer(layer)
+                and info.load_numel <= 0 and info.load_numel_total > 0):
+            names.append(layer.__class__.__name__)
+    return names
 
 
 def unexpected_kept_layers(kept: Sequence[str], tied_lm_head: bool) -> List[str]:
@@ -120,16 +132,17 @@ class WeightSyncExtension:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
         model = self.model_runner.model
-        kept, reload_logger = KeptLayers(), logging.getLogger(RELOAD_LOGGER)
-        reload_logger.addFilter(kept)
+        kept = layers_sent_nothing(model)
+        quiet, reload_logger = QuietKeptLayers(), logging.getLogger(RELOAD_LOGGER)
+        reload_logger.addFilter(quiet)
         try:
             with set_current_vllm_config(self.vllm_config), torch.no_grad():
                 finalize_layerwise_reload(model, self.model_config)
                 _reprocess_tied_embeddings(model)
         finally:
-            reload_logger.removeFilter(kept)
+            reload_logger.removeFilter(quiet)
         tied = bool(getattr(self.model_config.hf_config, "tie_word_embeddings", False))
-        missing = unexpected_kept_layers(kept.layers, tied)
+        missing = unexpected_kept_layers(kept, tied)
         if missing:
             raise RuntimeError(f"weight sync: vLLM kept the previous weights of {len(missing)} layer(s) "
                                f"({', '.join(sorted(set(missing)))}): the weights sent held none of their tensors")
