@@ -39,8 +39,12 @@ install-gpu:
 demo: install
 	$(BIN)/selfrefine run --config configs/demo_cpu.yaml
 
+# Two pytest workers, a test file each at a time: most of the suite's time is end-to-end runs that wait on
+# process, Ray, vLLM and DeepSpeed starts with one core idle. More workers on a bigger machine:
+# `make test TEST_WORKERS=4` (an end-to-end test holds up to about 8 GiB).
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/pytest tests -q -p no:cacheprovider --durations=15
+	$(BIN)/pytest tests -q -p no:cacheprovider --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -34,7 +34,7 @@ extras = {
     "gpu": ["vllm>=0.8"],
     # Offline reasoning data generators (GSM-style problems with programmatic rationales).
     "data": ["reasoning-gym==0.1.25", "pyarrow"],
-    "dev": ["pytest>=8", "hypothesis>=6"],
+    "dev": ["pytest>=8", "hypothesis>=6", "pytest-xdist>=3.5"],
     # Peers for `python -m selfrefine_dist.benchmarks.logprobs` (install with --no-deps if pip
     # would move torch or transformers).
     "bench": ["trl==1.16.0", "liger-kernel==0.8.5"],

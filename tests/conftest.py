@@ -29,6 +29,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Under pytest-xdist (``make test`` runs two workers) each worker gets its own Ray temp dir: a bare
+# ``ray.init()`` joins the cluster named in the temp dir's ``ray_current_cluster`` file, and must never
+# find another worker's.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("RAY_TMPDIR", f"/tmp/ray_{os.environ['PYTEST_XDIST_WORKER']}")
 
 import pytest  # noqa: E402
 

@@ -83,16 +83,33 @@ def count_tokens(model_path: str, rows: list[dict]) -> int:
 # Process-tree memory
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of process ``pid`` (Linux ``smaps_rollup``): each page it maps, divided by the
+    number of processes mapping it, so that summed over processes a shared page counts once."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/{pid}/smaps_rollup has no Pss line")
+
+
 class TreePeakRss:
     """Largest summed RSS of a process and its descendants, polled from a thread: over the whole run
     (``peak``) and until ``trained()`` first holds (``train_peak``: our runs save a checkpoint and export
     after their steps, TRL's save nothing); also the machine's mean 1-minute load average meanwhile
-    (other jobs on the machine slow every method down)."""
+    (other jobs on the machine slow every method down).
 
-    def __init__(self, pid: int, trained: Optional[Callable[[], bool]] = None, interval_s: float = 0.1):
+    Summed RSS counts a page shared by several processes (shared libraries, the object store's shared
+    memory that a learner writes and a sampler reads) once per process. ``peak_pss`` sums the processes'
+    PSS instead, where such a page counts once; it is polled every ``pss_every`` polls (the kernel walks
+    each process's page tables for it), so it may miss a peak shorter than that."""
+
+    def __init__(self, pid: int, trained: Optional[Callable[[], bool]] = None, interval_s: float = 0.1,
+                 pss_every: int = 10):
         import psutil
 
         self.root, self.peak, self.train_peak, self.interval_s = psutil.Process(pid), 0, 0, interval_s
+        self.peak_pss, self.pss_every = 0, pss_every
         self.trained, self.training = trained or (lambda: False), True
         self.loads: list[float] = []
         self._stop = threading.Event()
@@ -102,6 +119,7 @@ class TreePeakRss:
     def _poll(self):
         import psutil
 
+        polls = 0
         while not self._stop.is_set():
             try:
                 procs = [self.root] + self.root.children(recursive=True)
@@ -112,6 +130,9 @@ class TreePeakRss:
                     except psutil.Error:
                         pass
                 self.peak = max(self.peak, total)
+                if polls % self.pss_every == 0:
+                    self.peak_pss = max(self.peak_pss, self._summed_pss(procs))
+                polls += 1
                 self.training = self.training and not self.trained()
                 if self.training:
                     self.train_peak = max(self.train_peak, total)
@@ -119,6 +140,16 @@ class TreePeakRss:
             except psutil.Error:
                 return
             time.sleep(self.interval_s)
+
+    @staticmethod
+    def _summed_pss(procs) -> int:
+        total = 0
+        for p in procs:
+            try:
+                total += pss_bytes(p.pid)
+            except OSError:  # ended meanwhile
+                pass
+        return total
 
     def stop(self) -> None:
         self._stop.set()
@@ -131,6 +162,7 @@ class TreeRun:
     peak_rss: int  # bytes, the whole run
     train_peak_rss: int  # bytes, until the run's steps were logged (the whole run if they never were)
     load: float  # mean 1-minute load average of the machine
+    peak_pss: int = 0  # bytes, the whole run: summed PSS (a page shared by processes counted once)
 
 
 def run_tree(command: list[str], env: dict, timeout_s: float, trained: Optional[Callable[[], bool]] = None) -> TreeRun:
@@ -147,7 +179,7 @@ def run_tree(command: list[str], env: dict, timeout_s: float, trained: Optional[
         load = sum(probe.loads) / len(probe.loads) if probe.loads else float("nan")
         out.seek(0)
         return TreeRun(subprocess.CompletedProcess(command, proc.returncode, out.read(), ""), probe.peak,
-                       probe.train_peak or probe.peak, load)
+                       probe.train_peak or probe.peak, load, probe.peak_pss)
 
 
 def steps_logged(metrics_file: Path, stage: str, steps: int = 1) -> Callable[[], bool]:

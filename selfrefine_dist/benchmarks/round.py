@@ -26,7 +26,9 @@ reference pass, DPO steps, export and sync. Before either side, an untimed warm-
 libraries both use and reads the model's files, so that neither side pays for a cold page cache that
 the other then finds warm (on a 2-core AMD EPYC ours' first start took 46.7 s cold, 15.5 s warm;
 ``--no-warmup`` skips it).
-Peak memory is the largest summed RSS of each side's process tree (Ray's own processes included).
+Peak memory is the largest summed RSS of each side's process tree (Ray's own processes included), and the
+largest summed PSS: RSS counts a shared page once per process that maps it (ours' weight sync puts 0.5 GiB
+in the object store's shared memory, which the learner and the sampler both map), PSS once.
 Prints the stage table per round and the ratios ours / plain (the target: <= 0.5x).
 """
 from __future__ import annotations
@@ -194,7 +196,7 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
     demonstrations = {ex.uid: get_task(ex.task).target_response(ex, "cot") for ex in questions if ex.rationale}
     dtype = resolve_dtype(cfg.model.dtype)
     global_batch = cfg.refine.num_learners * cfg.dpo.micro_batch_size * cfg.dpo.grad_accum
-    rounds, peak, model = [], 0, model_path
+    rounds, peak, model = [], {"rss": 0, "pss": 0}, model_path
     for r, ours in enumerate(ours_rounds, 1):
         t_round = t_prepare if r == 1 else time.perf_counter()
         samples_file = work / f"plain_samples_{r}.json"
@@ -206,7 +208,8 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
         t0 = time.perf_counter()
         run = run_tree([sys.executable, "-c", PLAIN_SAMPLE, json.dumps(spec)],
                        dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0"), args.timeout)
-        sample_wall, peak = time.perf_counter() - t0, max(peak, run.peak_rss)
+        sample_wall = time.perf_counter() - t0
+        peak = {"rss": max(peak["rss"], run.peak_rss), "pss": max(peak["pss"], run.peak_pss)}
         sampled = result_line(run.proc, "sampling")
 
         t0 = time.perf_counter()
@@ -228,7 +231,8 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
         t0 = time.perf_counter()
         run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.dpo", "--_trl", json.dumps(train_spec)],
                        env, args.timeout)
-        train_wall, peak = time.perf_counter() - t0, max(peak, run.peak_rss)
+        train_wall = time.perf_counter() - t0
+        peak = {"rss": max(peak["rss"], run.peak_rss), "pss": max(peak["pss"], run.peak_pss)}
         trained = result_line(run.proc, "TRL training")
         # TRL tokenizes the pairs and precomputes the reference log-probs while its trainer is built (init_s)
         stages = {"start": sampled["start_s"] + (train_wall - trained["init_s"] - trained["train_s"] - trained["save_s"]),
@@ -244,6 +248,11 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
 
 
 # ---------------------------------------------------------------------------------------
+
+
+def memory(peak: dict) -> str:
+    """A side's peak memory: summed RSS of its processes, and summed PSS (shared pages counted once)."""
+    return f"peak RSS {peak['rss'] / GIB:.2f} GiB, peak PSS {peak['pss'] / GIB:.2f} GiB"
 
 
 def table(ours: list[dict], plain: list[dict] | None, peaks: dict) -> str:
@@ -267,13 +276,14 @@ def table(ours: list[dict], plain: list[dict] | None, peaks: dict) -> str:
     row("sample accuracy", lambda x: x["sample_accuracy"], "{:.3f}")
     out = "\n".join(lines)
     total_ours = sum(o["wall_s"] for o in ours)
-    out += f"\n\nours: {total_ours:.1f} s for {len(ours)} rounds, peak RSS {peaks['ours'] / GIB:.2f} GiB"
+    out += f"\n\nours: {total_ours:.1f} s for {len(ours)} rounds, {memory(peaks['ours'])}"
     if plain:
         total_plain = sum(p["wall_s"] for p in plain)
-        out += (f"\nplain: {total_plain:.1f} s, peak RSS {peaks['plain'] / GIB:.2f} GiB"
+        out += (f"\nplain: {total_plain:.1f} s, {memory(peaks['plain'])}"
                 f"\nratio ours / plain: wall {total_ours / total_plain:.2f}x (target <= 0.5x); per round "
                 + ", ".join(f"r{r} {o['wall_s'] / p['wall_s']:.2f}x" for r, (o, p) in enumerate(zip(ours, plain), 1))
-                + f"; peak RSS {peaks['ours'] / peaks['plain']:.2f}x")
+                + f"; peak RSS {peaks['ours']['rss'] / peaks['plain']['rss']:.2f}x, "
+                  f"peak PSS {peaks['ours']['pss'] / peaks['plain']['pss']:.2f}x")
     return out
 
 
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     ours = ours_stages(rows, started_at)
     ours[-1]["wall_s"] += time.time() - started_at - sum(o["wall_s"] for o in ours)  # shutdown: the user waits too
     ours[-1]["stages"]["other"] = ours[-1]["wall_s"] - sum(v for k, v in ours[-1]["stages"].items() if k != "other")
-    peaks = {"ours": run.peak_rss}
+    peaks = {"ours": {"rss": run.peak_rss, "pss": run.peak_pss}}
     print(f"  ours: {sum(o['wall_s'] for o in ours):.1f} s", file=sys.stderr, flush=True)
 
     plain = None

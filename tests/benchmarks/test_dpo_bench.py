@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import re
+import sys
 
 import pytest
 
@@ -40,3 +42,30 @@ def test_dpo_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
         assert int(cells[1]) == (2 if method == "ours_2ranks" else 4)
         figures = [float(x) for x in cells[2:8]] + ([float(x) for x in cells[8:12]] if "trl" in rows else [])
         assert all(math.isfinite(x) and x > 0 for x in figures), cells
+
+
+SHARED_MIB = 256
+TWO_PROCESSES_SHARING = f"""
+import mmap, os, time
+shared = mmap.mmap(-1, {SHARED_MIB} << 20)  # anonymous and shared: a forked child maps the same pages
+shared.write(b"x" * ({SHARED_MIB} << 20))
+if os.fork() == 0:
+    sum(shared[i] for i in range(0, len(shared), 4096))  # the child reads every page: now in its RSS too
+    time.sleep(3)
+    os._exit(0)
+time.sleep(3)
+os.wait()
+"""
+
+
+def test_tree_peak_counts_a_shared_page_once_in_pss_and_per_process_in_rss():
+    """Two processes mapping the same 256 MiB: summed RSS counts it twice, summed PSS once (``TreePeakRss``)."""
+    run = bench.run_tree([sys.executable, "-c", TWO_PROCESSES_SHARING], {}, timeout_s=60)
+    assert run.proc.returncode == 0, run.proc.stdout
+    mib = 1 << 20
+    assert run.peak_rss >= 2 * SHARED_MIB * mib, run.peak_rss / mib
+    assert SHARED_MIB * mib <= run.peak_pss <= run.peak_rss - (SHARED_MIB - 16) * mib, (run.peak_rss / mib, run.peak_pss / mib)
+    # a process's PSS is its RSS less the shares of its pages that other processes hold: never more
+    import psutil
+
+    assert 0 < bench.pss_bytes(os.getpid()) <= psutil.Process().memory_info().rss

@@ -42,5 +42,7 @@ def test_round_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
         assert float(rows["reference pass"][col]) > 0
     assert rows["optimizer steps"] == ["2"] * sides  # 4 pairs in micro-batches of 2, on both sides
     assert rows["pairs trained"] == ["4"] * sides
+    peaks = re.search(r"ours: [\d.]+ s for 2 rounds, peak RSS ([\d.]+) GiB, peak PSS ([\d.]+) GiB", out)
+    assert peaks and 0 < float(peaks[2]) <= float(peaks[1]), out  # shared pages count once in PSS
     if with_plain:
-        assert re.search(r"ratio ours / plain: wall [\d.]+x", out)
+        assert re.search(r"ratio ours / plain: wall [\d.]+x .*; peak RSS [\d.]+x, peak PSS [\d.]+x", out)

@@ -9,7 +9,9 @@ head on 127.0.0.1: on Linux Ray otherwise replaces a loopback --node-ip-address 
 """
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,9 +22,11 @@ from launcher_helpers import (LAUNCHERS, VENV_BIN, end_process_group, end_proces
                               write_config)
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
+def ray_head():
     """A one-node Ray cluster with its dashboard on 127.0.0.1; yields the dashboard's address."""
-    temp_dir = tmp_path_factory.mktemp("ray")
+    # Directly under /tmp: Ray's Unix sockets live in it, and a socket path has at most 107 bytes (pytest's
+    # own temp dirs, deeper under pytest-xdist's worker folders, are too long for the dashboard's modules).
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray_", dir="/tmp"))
     dashboard = free_port()
     env = launcher_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
@@ -57,6 +61,7 @@ def ray_head(tmp_path_factory):
                 break
         print(f"head ended: {time.perf_counter() - t0:.1f} s")
         assert not left, f"processes of the test's Ray head still running: {left}"
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def processes():
