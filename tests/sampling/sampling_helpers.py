@@ -53,13 +53,36 @@ def assert_complete(requests: List[GenerationRequest], results) -> None:
             assert isinstance(text.text, str) and text.num_tokens >= 1 and text.finish_reason in ("stop", "length")
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of process ``pid`` (0 once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether process ``pid`` is ``ancestor`` or started under it (its parent chain reaches it)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = parent_pid(pid)
+    return False
+
+
 def kill_processes_titled(title: str, count: int, timeout_s: float = 120.0) -> "threading.Thread":
     """A started thread that SIGKILLs, from outside, the first ``count`` processes whose title (Ray sets
-    ``ray::Class.method`` while an actor runs a method) is ``title``; ``thread.killed`` lists their pids."""
+    ``ray::Class.method`` while an actor runs a method) is ``title``; ``thread.killed`` lists their pids.
+
+    Only this process's descendants (the workers of the Ray instance this test process started): another
+    test process on the machine (pytest-xdist's other worker) may run actors of the same title."""
     import os
     import signal
     import threading
     import time
+
+    me = os.getpid()
 
     def run():
         deadline = time.time() + timeout_s
@@ -72,7 +95,7 @@ def kill_processes_titled(title: str, count: int, timeout_s: float = 120.0) -> "
                         name = f.read().split(b"\0")[0].decode(errors="replace")
                 except OSError:
                     continue
-                if name.strip() == title:
+                if name.strip() == title and descends_from(int(entry), me):
                     os.kill(int(entry), signal.SIGKILL)
                     thread.killed.append(int(entry))
                     break
