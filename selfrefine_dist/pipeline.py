@@ -40,6 +40,7 @@ class Samplers:
         self._waited = False
         self._started_at = 0.0
         self.start_s = 0.0  # seconds from the start of the actors to their engines built
+        self.ray_start_s = 0.0  # of those, the seconds ``ray.init`` took (0 where Ray was up already)
 
     @property
     def started(self) -> bool:
@@ -52,6 +53,7 @@ class Samplers:
 
             self._started_at = time.perf_counter()
             start_ray(self.cfg)
+            self.ray_start_s = time.perf_counter() - self._started_at
             self._pool = SamplerPool(self.cfg.sampler, self.model_path, resolve_dtype(self.cfg.model.dtype),
                                      self.cfg.model.trust_remote_code, resources=self.cfg.ray.sampler_resources,
                                      wait_for_ready=False)

@@ -119,7 +119,7 @@ def ours_stages(rounds: list[dict], started_at: float) -> list[dict]:
         stages["other"] = wall - sum(stages.values())
         trained = row.get("pairs_kept", 0) - row.get("pairs_unused", 0)  # the pairs the DPO steps used
         out.append({"stages": stages, "wall_s": wall, "pairs": trained, "dpo_steps": row.get("dpo_steps", 0),
-                    "sample_accuracy": row.get("sample_accuracy", 0.0)})
+                    "sample_accuracy": row.get("sample_accuracy", 0.0), "ray_start_s": row.get("ray_start_s", 0.0)})
         last = row["done_at"]
     return out
 
@@ -277,6 +277,7 @@ def table(ours: list[dict], plain: list[dict] | None, peaks: dict) -> str:
     out = "\n".join(lines)
     total_ours = sum(o["wall_s"] for o in ours)
     out += f"\n\nours: {total_ours:.1f} s for {len(ours)} rounds, {memory(peaks['ours'])}"
+    out += f"\nours' round-1 start: {ours[0]['stages']['start']:.2f} s, of which ray.init {ours[0]['ray_start_s']:.2f} s"
     if plain:
         total_plain = sum(p["wall_s"] for p in plain)
         out += (f"\nplain: {total_plain:.1f} s, {memory(peaks['plain'])}"

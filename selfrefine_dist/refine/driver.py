@@ -95,6 +95,7 @@ class SelfRefineLoop:
         samples = self.samples_stage(r)
         pairs_st = pairs_stage(cfg, r, samples.fingerprint)
         dpo = dpo_stage(cfg, r, pairs_st.fingerprint, self.model_fps[r - 1], self.model_fps[0], self.dtype)
+        samplers_were_up = self.samplers.started
         t0 = time.perf_counter()
         try:
             self.start_learners(r, samples, dpo)
@@ -108,6 +109,8 @@ class SelfRefineLoop:
         seconds["sample"] = time.perf_counter() - t0
         if not samplers_up and self.samplers.started:
             seconds["samplers_start"] = self.samplers.start_s  # part of "sample": the engines started there
+        if not samplers_were_up and self.samplers.started:
+            seconds["ray_start"] = self.samplers.ray_start_s  # part of "start" or "sample": ray.init itself
 
         t0 = time.perf_counter()
         pairs, pair_metrics = self.pairs(r, paths, pairs_st)

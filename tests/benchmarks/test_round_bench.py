@@ -44,5 +44,7 @@ def test_round_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
     assert rows["pairs trained"] == ["4"] * sides
     peaks = re.search(r"ours: [\d.]+ s for 2 rounds, peak RSS ([\d.]+) GiB, peak PSS ([\d.]+) GiB", out)
     assert peaks and 0 < float(peaks[2]) <= float(peaks[1]), out  # shared pages count once in PSS
+    start = re.search(r"ours' round-1 start: ([\d.]+) s, of which ray.init ([\d.]+) s", out)
+    assert start and 0 < float(start[2]) < float(start[1]), out  # Ray comes up inside ours' start
     if with_plain:
         assert re.search(r"ratio ours / plain: wall [\d.]+x .*; peak RSS [\d.]+x, peak PSS [\d.]+x", out)
