@@ -60,7 +60,20 @@ def wrap(model, ds_config: dict, optimizer: Optional[AdamWSettings] = None,
     scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, lr_lambda) if lr_lambda is not None else None
     engine, *_ = deepspeed.initialize(model=model, optimizer=adamw, lr_scheduler=scheduler, config=ds_config)
     chunk_the_step(engine)  # stage 0 in bf16: fp32 gradient copies a chunk at a time, not all at once
+    skip_lone_allreduce(engine)
     return engine
+
+
+def skip_lone_allreduce(engine) -> bool:
+    """Turn off the gradient all-reduce of a stage-0 engine with one data-parallel rank; returns whether
+    it did. There DeepSpeed still flattens every gradient into buckets, all-reduces them over the one
+    rank, divides by 1 and copies them back at each optimizer step (0.25 s a step for a 135M model in
+    fp32 on 2 cores): the gradients come out as they went in. ZeRO stages >= 1 keep the call, which
+    also hands the gradients to their partitioned optimizer."""
+    if engine.zero_optimization_stage() != 0 or engine.dp_world_size != 1:
+        return False
+    engine.enable_backward_allreduce = False
+    return True
 
 
 def resolve_per_forward(per_forward: Optional[int], micro_batch_size: int, key: str) -> int:
