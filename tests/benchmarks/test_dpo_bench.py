@@ -48,7 +48,9 @@ SHARED_MIB = 256
 TWO_PROCESSES_SHARING = f"""
 import mmap, os, time
 shared = mmap.mmap(-1, {SHARED_MIB} << 20)  # anonymous and shared: a forked child maps the same pages
-shared.write(b"x" * ({SHARED_MIB} << 20))
+chunk = b"x" * (1 << 20)  # filled a MiB at a time: a 256 MiB bytes object would be private memory a PSS poll can catch
+for offset in range(0, len(shared), len(chunk)):
+    shared[offset:offset + len(chunk)] = chunk
 if os.fork() == 0:
     sum(shared[i] for i in range(0, len(shared), 4096))  # the child reads every page: now in its RSS too
     time.sleep(3)
