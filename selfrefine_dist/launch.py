@@ -6,6 +6,7 @@ the command runs the training directly.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,16 @@ from pathlib import Path
 from typing import List
 
 from selfrefine_dist.train.distributed import free_port
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed builds its ops (``deepspeed_shm_comm`` on CPU) for this Python environment, outside any
+    clone so that reruns reuse them: ``~/.cache/selfrefine/torch_extensions/<first 12 hex of md5(sys.prefix)>``
+    (the Makefile computes the same from ``$(VENV)``). An op's build files name the include paths of the
+    torch it was built against, so two environments sharing one folder rebuild each other's op at every
+    switch: 45 s of a learner's start on 2 cores, the first round after a CI run from another clone."""
+    tag = hashlib.md5(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path.home() / ".cache" / "selfrefine" / "torch_extensions" / tag)
 
 
 def under_launcher() -> bool:
@@ -31,8 +42,7 @@ def learner_env(nproc: int) -> dict:
         env.setdefault("DS_ACCELERATOR", "cpu")
         # Without this each learner starts one thread per core and they fight (25x slower with 2 learners).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    # DeepSpeed compiles ops on first use; keep them outside any clone so reruns reuse them.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfrefine" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())  # DeepSpeed compiles ops on first use
     return env
 
 

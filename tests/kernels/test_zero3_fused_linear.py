@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from selfrefine_dist.launch import torch_extensions_dir
+
 pytest.importorskip("deepspeed")
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
@@ -42,9 +44,7 @@ def rank_results(tmp_path_factory):
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR="cpu",
         # deepspeed_shm_comm compiles once (~35 s) and is cached here (the Makefile uses the same).
-        TORCH_EXTENSIONS_DIR=env.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfrefine" / "torch_extensions")
-        ),
+        TORCH_EXTENSIONS_DIR=env.get("TORCH_EXTENSIONS_DIR", torch_extensions_dir()),
     )
     env.pop("TRITON_INTERPRET", None)  # the CPU path needs no Triton
     command = [

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from selfrefine_dist.launch import torch_extensions_dir
+
 REPO = Path(__file__).resolve().parents[2]
 LAUNCHERS = REPO / "launchers"
 VENV_BIN = Path(sys.executable).parent  # the launchers call deepspeed, torchrun, ray, python by name
@@ -47,7 +49,7 @@ def launcher_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                WANDB_MODE="disabled", RAY_AUTH_MODE="disabled", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfrefine" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     env.update(extra)
     return env
 
