@@ -119,6 +119,7 @@ def ours_stages(rounds: list[dict], started_at: float) -> list[dict]:
         stages["other"] = wall - sum(stages.values())
         trained = row.get("pairs_kept", 0) - row.get("pairs_unused", 0)  # the pairs the DPO steps used
         out.append({"stages": stages, "wall_s": wall, "pairs": trained, "dpo_steps": row.get("dpo_steps", 0),
+                    "sampled_tokens": row.get("sampled_tokens", 0),
                     "sample_accuracy": row.get("sample_accuracy", 0.0), "ray_start_s": row.get("ray_start_s", 0.0)})
         last = row["done_at"]
     return out
@@ -242,6 +243,7 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
         wall = time.perf_counter() - t_round
         stages["other"] = wall - sum(stages.values())
         rounds.append({"stages": stages, "wall_s": wall, "pairs": len(used), "dpo_steps": len(trained["step_s"]),
+                       "sampled_tokens": sampled["tokens"],
                        "sample_accuracy": sum(p.correct for p in paths) / max(len(paths), 1)})
         model = str(folder)
     return rounds, peak
@@ -274,6 +276,8 @@ def table(ours: list[dict], plain: list[dict] | None, peaks: dict) -> str:
     row("pairs trained", lambda x: x["pairs"], "{}")
     row("optimizer steps", lambda x: x["dpo_steps"], "{}")
     row("sample accuracy", lambda x: x["sample_accuracy"], "{:.3f}")
+    row("sampled tokens", lambda x: x["sampled_tokens"], "{}")
+    row("sampling tokens/s", lambda x: x["sampled_tokens"] / max(x["stages"]["sample"], 1e-9), "{:.0f}")
     out = "\n".join(lines)
     total_ours = sum(o["wall_s"] for o in ours)
     out += f"\n\nours: {total_ours:.1f} s for {len(ours)} rounds, {memory(peaks['ours'])}"

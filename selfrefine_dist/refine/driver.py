@@ -326,7 +326,8 @@ class SelfRefineLoop:
             paths += score_paths(questions, direct, "direct", version)
         metrics = sample_stats([p for p in paths if p.style == "cot"]).as_metrics()
         metrics.update(sampled_by_version=version, sampling_temperature=settings.temperature,
-                       sampling_tokens_per_s=stats.tokens_per_s, sampling_s=stats.seconds, reward_s=reward_s,
+                       sampled_tokens=stats.generated_tokens, sampling_tokens_per_s=stats.tokens_per_s,
+                       sampling_s=stats.seconds, reward_s=reward_s,
                        retried_work_items=stats.retried_items, sampler_peak_rss_gib=pool.peak_rss_gib())
         if self.cfg.refine.probe_questions:
             metrics.update(probe_questions=len(self.probe_questions(r)), probe_accuracy_before=self.probe(r, version))

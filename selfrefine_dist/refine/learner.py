@@ -10,8 +10,10 @@ Per round (the driver calls these in order, on every rank at once):
     train_round(shard)       a fresh optimizer state, reference log-probs of the whole shard once
                              (a frozen reference is loaded for that pass and freed after it, so it
                              holds no memory while the policy trains), then DPO steps
-    publish_weights(...)     gather the ZeRO-3 weights on rank 0: export a Hugging Face folder
-                             and put them into the object store in buckets for the samplers
+    put_weights(...)         gather the ZeRO-3 weights on rank 0 and put them into the object store
+                             in buckets for the samplers
+    export_put_weights(dir)  write them as a Hugging Face folder (while the samplers load the buckets);
+                             ``publish_weights`` does both in one call
 
 The step loss is the mean per-pair DPO loss over the global batch: every micro-batch has the
 same number of pairs (``plan_round``), so averaging over accumulation steps and ranks gives
@@ -90,6 +92,7 @@ class Learner:
         self.reference_cache, self.reference_cache_of = None, None  # see setup and _reference_logps
         self.reference_sequences = (0, 0)  # (run through the reference, needed) last round, this rank
         self.reference_computed: Dict[str, float] = {}  # the values this rank's last reference pass computed
+        self.weights_to_export: Optional[Dict[str, torch.Tensor]] = None  # put_weights -> export_put_weights
 
     # ---- set-up -------------------------------------------------------------------------
     def address(self) -> Tuple[str, int]:
@@ -418,18 +421,33 @@ class Learner:
         Returns the bucket references on rank 0, [] elsewhere (and with ``bucket_bytes`` 0, outside
         Ray). Every rank must call it.
         """
-        from selfrefine_dist.sampling.weights import named_tensor_buckets
-        from selfrefine_dist.train.export import export_state, gather_state_dict
+        refs = self.put_weights(bucket_bytes)
+        self.export_put_weights(export_dir)
+        return refs
 
-        state = gather_state_dict(self.engine.module)
-        fault_point(f"kill_learner_in_export:{self.round_idx}:{self.rank}")
-        if export_dir is not None:
-            export_state(self.engine.module, state, self.tokenizer, Path(export_dir))
+    def put_weights(self, bucket_bytes: int) -> List:
+        """The first half of ``publish_weights``: gather, put the buckets, keep the weights for
+        ``export_put_weights`` (which the sync runs while the samplers load the buckets)."""
+        from selfrefine_dist.sampling.weights import named_tensor_buckets
+        from selfrefine_dist.train.export import gather_state_dict
+
+        self.weights_to_export = gather_state_dict(self.engine.module)
         if self.rank != 0 or bucket_bytes <= 0:
             return []
         import ray
 
-        return [ray.put(bucket) for bucket in named_tensor_buckets(state.items(), bucket_bytes)]
+        return [ray.put(bucket) for bucket in named_tensor_buckets(self.weights_to_export.items(), bucket_bytes)]
+
+    def export_put_weights(self, export_dir: Optional[str]) -> None:
+        """The second half: the weights ``put_weights`` gathered, as a Hugging Face folder (if ``export_dir``)."""
+        from selfrefine_dist.train.export import export_state
+
+        state, self.weights_to_export = self.weights_to_export, None
+        if state is None:
+            raise RuntimeError("export_put_weights: no weights kept; put_weights gathers them first")
+        fault_point(f"kill_learner_in_export:{self.round_idx}:{self.rank}")
+        if export_dir is not None:
+            export_state(self.engine.module, state, self.tokenizer, Path(export_dir))
 
     # ---- GPU weight sync: NCCL broadcast from rank 0 to the vLLM workers (sampling/nccl_sync.py)
     def join_weight_broadcast(self, master_address: str, master_port: int, world_size: int) -> None:

@@ -148,6 +148,14 @@ class LearnerGroup:
         """Export (if ``export_dir``) and return rank 0's weight buckets in the object store."""
         return self.wait([a.publish_weights.remote(export_dir, bucket_bytes) for a in self.actors], "weight export")[0]
 
+    def put_weights(self, bucket_bytes: int) -> List[ray.ObjectRef]:
+        """Rank 0's weight buckets in the object store; the ranks keep the weights for ``export_put_weights``."""
+        return self.wait([a.put_weights.remote(bucket_bytes) for a in self.actors], "weight export")[0]
+
+    def export_put_weights_async(self, export_dir: Optional[str]) -> List[ray.ObjectRef]:
+        """Start exporting the weights ``put_weights`` gathered (``wait(refs, "weight export")`` waits)."""
+        return [a.export_put_weights.remote(export_dir) for a in self.actors]
+
     def wait(self, refs: Sequence[ray.ObjectRef], during: str) -> list:
         """``ray.get(refs)``, ``refs[r]`` being rank r's call. If a rank's process dies, stop the whole group
         (the others would wait in a collective for it) and raise ``LearnerDied`` naming that rank.

@@ -3,12 +3,12 @@
     sync = make_weight_sync(cfg)                                   # ObjectStoreSync or NcclSync
     timing = sync.push(learners, pool, export_dir, version=r)      # SyncTiming(export_s, transfer_s)
 
-Both first gather the ZeRO-3 weights on learner rank 0 and export ``export_dir`` (the round's Hugging
+Both gather the ZeRO-3 weights on learner rank 0 and export ``export_dir`` (the round's Hugging
 Face folder); they differ in how the bytes travel:
 
 - ``ObjectStoreSync`` (CPU, and wherever NCCL is not available): rank 0 puts buckets of tensors into
-  Ray's object store and every sampler actor loads them; the pool keeps the refs, so an actor that
-  restarts later is brought to the same version from them.
+  Ray's object store and every sampler actor loads them while the learners write the folder; the
+  pool keeps the refs, so an actor that restarts later is brought to the same version from them.
 - ``NcclSync`` (GPU): rank 0 broadcasts each bucket over NCCL to every vLLM worker; only bucket
   metadata goes through Ray. The handshake (rank 0 and every worker join one NCCL group) happens on the
   first push and again whenever the learner group or the pool's live actors changed. The sequence and
@@ -31,7 +31,7 @@ from selfrefine_dist.config import Config
 
 @dataclass(frozen=True)
 class SyncTiming:
-    export_s: float  # gather on the learners, export the folder
+    export_s: float  # gather on the learners, export the folder (object store: the part not hidden by the transfer)
     transfer_s: float  # into every sampler actor
 
     @property
@@ -56,10 +56,13 @@ class ObjectStoreSync(WeightSync):
 
     def push(self, learners, pool, export_dir: Optional[str], version: int) -> SyncTiming:
         t0 = time.perf_counter()
-        bucket_refs = learners.publish_weights(export_dir, self.bucket_bytes)
-        export_s = time.perf_counter() - t0
-        transfer_s = pool.update_weights(bucket_refs, version=version)  # the pool keeps the refs alive
-        return SyncTiming(export_s, transfer_s)
+        bucket_refs = learners.put_weights(self.bucket_bytes)
+        exporting = learners.export_put_weights_async(export_dir)  # the folder is written ...
+        put_s = time.perf_counter() - t0
+        transfer_s = pool.update_weights(bucket_refs, version=version)  # ... while the samplers load the buckets
+        t0 = time.perf_counter()
+        learners.wait(exporting, "weight export")
+        return SyncTiming(put_s + time.perf_counter() - t0, transfer_s)
 
 
 class NcclSync(WeightSync):

@@ -42,6 +42,12 @@ def test_round_benchmark_runs_at_a_toy_size(tiny_model_dir, capsys):
         assert float(rows["reference pass"][col]) > 0
     assert rows["optimizer steps"] == ["2"] * sides  # 4 pairs in micro-batches of 2, on both sides
     assert rows["pairs trained"] == ["4"] * sides
+    # 4 questions x 2 paths x at most 8 tokens a round, each side; the rate is those tokens over the sample stage
+    assert all(0 < int(n) <= 64 for n in rows["sampled tokens"]), rows["sampled tokens"]
+    for n, rate, seconds in zip(rows["sampled tokens"], rows["sampling tokens/s"], rows["sample"]):
+        # the table rounds the seconds to 0.01 s (and the rate to 1 token/s)
+        assert int(n) / (float(seconds) + 0.005) - 1 <= float(rate) <= int(n) / (float(seconds) - 0.005) + 1, \
+            (n, rate, seconds)
     peaks = re.search(r"ours: [\d.]+ s for 2 rounds, peak RSS ([\d.]+) GiB, peak PSS ([\d.]+) GiB", out)
     assert peaks and 0 < float(peaks[2]) <= float(peaks[1]), out  # shared pages count once in PSS
     start = re.search(r"ours' round-1 start: ([\d.]+) s, of which ray.init ([\d.]+) s", out)
