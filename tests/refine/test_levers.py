@@ -10,6 +10,7 @@ from selfrefine_dist.config import load_config
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.pipeline import choose_final
 from selfrefine_dist.refine.driver import SelfRefineLoop, learner_spec
+from selfrefine_dist.sampling.records import SamplingStats
 from selfrefine_dist.stage_specs import round_temperature
 
 
@@ -26,13 +27,15 @@ class RecordingPool:
 
     def __init__(self):
         self.version, self.settings = 0, []
-        self.last_stats = SimpleNamespace(tokens_per_s=1.0, seconds=1.0, retried_items=0)
+        self.last_stats = None
 
     def peak_rss_gib(self):
         return 0.5
 
     def generate(self, requests, settings, progress=False):
         self.settings.append(settings)
+        paths = sum(r.n for r in requests)
+        self.last_stats = SamplingStats(len(requests), paths, generated_tokens=9 * paths, seconds=1.0, retried_items=0)
         return {r.key: [SimpleNamespace(text="1 + 2 = 3.\nThe answer is 3.", num_tokens=9, finish_reason="stop")]
                 * r.n for r in requests}
 
@@ -70,6 +73,7 @@ def test_temperature_schedule_reaches_the_sampler(tiny_model_dir, tmp_path):
         _, metrics = driver.samples(r, driver.samples_stage(r))
         assert driver.samplers.pool.settings[-1].temperature == round_temperature(driver.cfg, r) == metrics[
             "sampling_temperature"]
+        assert metrics["sampled_tokens"] == 9 * len(driver.round_questions(r)) * driver.cfg.sampler.samples_per_question
     assert [s.temperature for s in driver.samplers.pool.settings] == [0.5, 1.2, 1.2]
 
 
