@@ -201,6 +201,11 @@ class SamplerConfig:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: int = 1  # CPU KV cache (VLLM_CPU_KVCACHE_SPACE)
+    # KV cache block size in tokens; null: 32 on CPU, vLLM's own default on GPU. The K samples of a
+    # question share the prompt's full blocks through prefix caching, so smaller blocks share more of
+    # it. vLLM's CPU default (128) shares nothing of a prompt under 128 tokens; 32 is the smallest its
+    # CPU attention takes.
+    block_size: Optional[int] = None
     max_model_len: int = 1024
     # HF backend: prompts per generate call.
     hf_batch_size: int = 16

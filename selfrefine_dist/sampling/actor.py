@@ -31,6 +31,10 @@ class SamplerActor:
     def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> List[List[GeneratedText]]:
         return self.backend.generate(requests, settings)
 
+    def engine_settings(self) -> Dict[str, object]:
+        """The vLLM engine's KV cache settings (block size, prefix caching)."""
+        return self._vllm().engine_settings()
+
     def update_weights(self, bucket_refs: Sequence[ray.ObjectRef], version: int) -> float:
         """Load every bucket (``List[(hf_name, tensor)]`` each) from the object store; returns seconds.
 

@@ -7,7 +7,7 @@ in-process objects; ``SamplerActor`` puts one in a Ray actor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Protocol, Sequence
+from typing import Dict, Iterable, List, Optional, Protocol, Sequence
 
 from selfrefine_dist.sampling.records import GeneratedText, GenerationRequest, SamplingSettings
 from selfrefine_dist.sampling.weights import NamedTensor
@@ -45,6 +45,7 @@ class BackendSpec:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     kv_cache_gib: int = 1
+    block_size: Optional[int] = None  # None: VLLMBackend's default (32 on CPU)
     # HF: prompts per generate call.
     hf_batch_size: int = 16
 
@@ -56,7 +57,7 @@ def make_backend(spec: BackendSpec) -> SamplerBackend:
         return VLLMBackend(
             spec.model_path, spec.dtype, max_model_len=spec.max_model_len,
             tensor_parallel_size=spec.tensor_parallel_size, gpu_memory_utilization=spec.gpu_memory_utilization,
-            kv_cache_gib=spec.kv_cache_gib, seed=spec.seed, num_threads=spec.num_threads,
+            kv_cache_gib=spec.kv_cache_gib, block_size=spec.block_size, seed=spec.seed, num_threads=spec.num_threads,
             trust_remote_code=spec.trust_remote_code,
         )
     if spec.backend == "hf":

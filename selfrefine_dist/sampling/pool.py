@@ -52,7 +52,7 @@ class SamplerPool:
             backend=cfg.backend, model_path=model_path, dtype=dtype, trust_remote_code=trust_remote_code,
             seed=cfg.seed, num_threads=max(1, int(cfg.cpus_per_actor)), max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            kv_cache_gib=cfg.kv_cache_gib, hf_batch_size=cfg.hf_batch_size,
+            kv_cache_gib=cfg.kv_cache_gib, block_size=cfg.block_size, hf_batch_size=cfg.hf_batch_size,
         )
         actor_class = remote_sampler_actor(cfg.cpus_per_actor, cfg.gpus_per_actor, cfg.max_restarts, resources)
         self.actors = [actor_class.remote(self.spec) for _ in range(cfg.num_actors)]

@@ -5,6 +5,13 @@ worker, vLLM's worker is then an object of this process, so weights handed to
 ``collective_rpc`` are passed by reference, not serialised, and the sampler's
 RNG is this process's torch RNG.
 
+Prefix sharing: the K samples of a question are K requests on one prompt. vLLM's prefix cache
+shares the prompt's full KV blocks among them, in the same step; the tokens after the last full
+block run once per sample. On CPU the blocks are 32 tokens (``CPU_BLOCK_SIZE``), not vLLM's 128:
+a 60-token prompt then runs once for its first 32 tokens instead of K times whole. On a 2-core
+AMD EPYC (SmolLM2-135M fp32, 32 prompts of 60 tokens, K=4) the prefill took 8.5 s instead of 14.0
+s, and the whole sampling of 128 tokens per path 44-47 s instead of 51-53 s.
+
 Determinism: before each work item the prefix cache is cleared and the
 sampler's RNG seeded from (seed, the item's requests). The item then runs as the
 same batch, scheduled the same way, from the same state, on whatever actor.
@@ -12,7 +19,7 @@ same batch, scheduled the same way, from the same state, on whatever actor.
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -23,6 +30,8 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 EXTENSION = "selfrefine_dist.sampling.vllm_worker.WeightSyncExtension"
 # Tensors per collective_rpc call when loading weights (bounded by bytes, not count).
 LOAD_BUCKET_BYTES = 256 * 1024**2
+# KV cache block size on CPU: the smallest vLLM's CPU attention takes (a multiple of 32).
+CPU_BLOCK_SIZE = 32
 
 
 class VLLMBackend:
@@ -30,7 +39,7 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, dtype: str, max_model_len: int = 1024, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, seed: int = 0, num_threads: int = 1,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, block_size: Optional[int] = None):
         on_gpu = torch.cuda.is_available()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # vLLM's INFO lines (one per prefix-cache reset, i.e. per work item) would bury the run's own
@@ -45,6 +54,9 @@ class VLLMBackend:
             os.environ["OMP_NUM_THREADS"] = str(num_threads)
             torch.set_num_threads(num_threads)
             kwargs["enforce_eager"] = True
+            block_size = CPU_BLOCK_SIZE if block_size is None else block_size
+        if block_size is not None:
+            kwargs["block_size"] = block_size
             from selfrefine_dist.sampling.vllm_worker import install_packed_weight_recorder
 
             install_packed_weight_recorder()
@@ -56,6 +68,11 @@ class VLLMBackend:
             worker_extension_cls=EXTENSION, **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+
+    def engine_settings(self) -> Dict[str, object]:
+        """The engine's KV cache settings as vLLM resolved them (block size, prefix caching)."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return {"block_size": cache.block_size, "prefix_caching": bool(cache.enable_prefix_caching)}
 
     def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> List[List[GeneratedText]]:
         from vllm import SamplingParams

@@ -33,6 +33,13 @@ def hf_pool(ray_cluster, tiny_model_dir):
     pool.shutdown()
 
 
+def test_cpu_engines_share_prompts_in_32_token_blocks(vllm_pool):
+    # vLLM's CPU default (128-token blocks) would share no block of a prompt under 128 tokens among
+    # the K samples of a question (sampling/vllm_backend.py)
+    settings = [ray.get(actor.engine_settings.remote()) for actor in vllm_pool.actors]
+    assert settings == [{"block_size": 32, "prefix_caching": True}] * 2
+
+
 def test_every_key_once_with_n_texts_and_the_same_texts_on_1_or_2_actors(vllm_pool, tiny_model_dir):
     requests = make_requests(tiny_model_dir, 9)  # 5 work items
     by_two = vllm_pool.generate(requests, SETTINGS, progress=False)
