@@ -6,12 +6,13 @@ the peer, raw vLLM (``vllm.LLM.generate`` in one plain process), on the same pro
 ``raw_vllm``: a subprocess with no Ray that builds ``vllm.LLM`` with the engine settings our backend uses
 (dtype, max_model_len, KV cache, eager mode on CPU, ``--cpus`` threads) and generates the same token ids
 with ``SamplingParams(n=samples)``; it keeps vLLM's default KV block size (128 tokens on CPU), where ours
-takes 32 so that a question's samples share more of its prompt (``sampling/vllm_backend.py``). ``vllm`` / ``hf``: one SamplerActor in Ray holding every CPU
-(``--cpus``, default all), the whole set of prompts as one work item (vLLM schedules it continuously;
-HF ``generate`` runs it as one padded batch of prompts x samples). The methods run one after the other,
-never together. A small warm-up call precedes the timed ones; engine start is reported apart. Tokens are
-generated tokens, end-of-sequence tokens included; each repeat draws other samples (ours: another
-seed; raw vLLM: its engine's generator moves on), and the fastest repeat is reported.
+takes 32 so that a question's samples share more of its prompt (``sampling/vllm_backend.py``).
+``vllm`` / ``hf``: one SamplerActor in Ray holding every CPU (``--cpus``, default all), the whole set of
+prompts as one work item (vLLM schedules it continuously; HF ``generate`` runs it as one padded batch of
+prompts x samples). The methods run one after the other, never together. A small warm-up call precedes
+the timed ones; engine start is reported apart. Tokens are generated tokens, end-of-sequence tokens
+included; each repeat draws other samples (ours: another seed; raw vLLM: its engine's generator moves
+on), and the fastest repeat is reported.
 """
 from __future__ import annotations
 

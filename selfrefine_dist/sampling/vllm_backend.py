@@ -55,11 +55,11 @@ class VLLMBackend:
             torch.set_num_threads(num_threads)
             kwargs["enforce_eager"] = True
             block_size = CPU_BLOCK_SIZE if block_size is None else block_size
-        if block_size is not None:
-            kwargs["block_size"] = block_size
             from selfrefine_dist.sampling.vllm_worker import install_packed_weight_recorder
 
             install_packed_weight_recorder()
+        if block_size is not None:
+            kwargs["block_size"] = block_size
         from vllm import LLM
 
         self.llm = LLM(
