@@ -92,9 +92,9 @@ def ours_main(spec: dict) -> None:
     try:
         for r in range(1, cfg.refine.rounds + 1):
             summary = loop.run_round(r)
-            print("ROUND " + json.dumps({"done_at": time.time(),
-                                         **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}),
-                  flush=True)
+            with open(spec["rounds_file"], "a") as f:  # a file, not stdout: Ray's forwarded worker logs share it
+                f.write(json.dumps({"done_at": time.time(),
+                                    **{k: v for k, v in summary.items() if isinstance(v, (int, float))}}) + "\n")
     finally:
         loop.shutdown()
         samplers.shutdown()
@@ -339,9 +339,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_warmup:
         warm_up(model_path, env, args.timeout)
     started_at = time.time()
+    rounds_file = work / "ours_rounds.jsonl"
     run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.round", "--_ours",
-                    json.dumps({"overrides": overrides})], env, args.timeout * args.rounds)
-    rows = [json.loads(x[len("ROUND "):]) for x in run.proc.stdout.splitlines() if x.startswith("ROUND ")]
+                    json.dumps({"overrides": overrides, "rounds_file": str(rounds_file)})], env,
+                   args.timeout * args.rounds)
+    rows = [json.loads(x) for x in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
     if run.proc.returncode != 0 or len(rows) != args.rounds:
         raise RuntimeError(f"ours failed (exit {run.proc.returncode}):\n" + "\n".join(run.proc.stdout.splitlines()[-30:]))
     ours = ours_stages(rows, started_at)

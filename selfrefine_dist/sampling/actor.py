@@ -33,7 +33,7 @@ class SamplerActor:
 
     def engine_settings(self) -> Dict[str, object]:
         """The vLLM engine's KV cache settings (block size, prefix caching)."""
-        return self._vllm().engine_settings()
+        return self._vllm("engine settings").engine_settings()
 
     def update_weights(self, bucket_refs: Sequence[ray.ObjectRef], version: int) -> float:
         """Load every bucket (``List[(hf_name, tensor)]`` each) from the object store; returns seconds.
@@ -77,7 +77,7 @@ class SamplerActor:
         """One step of an NCCL sync: ``init`` (master_address, master_port, rank_offset, world_size: the
         engine's workers join learner rank 0's group), ``begin``, ``receive`` (bucket metas: the next
         broadcast bucket), ``finish`` (version: the weights now held)."""
-        vllm = self._vllm()
+        vllm = self._vllm("NCCL weight sync")
         if step == "init":
             vllm.init_weight_broadcast(*args)
         elif step == "begin":
@@ -90,11 +90,11 @@ class SamplerActor:
         else:
             raise ValueError(f"unknown weight broadcast step {step!r}")
 
-    def _vllm(self):
+    def _vllm(self, what: str):
         from selfrefine_dist.sampling.vllm_backend import VLLMBackend
 
         if not isinstance(self.backend, VLLMBackend):
-            raise TypeError(f"NCCL weight sync needs the vLLM backend, not {type(self.backend).__name__}")
+            raise TypeError(f"{what} needs the vLLM backend, not {type(self.backend).__name__}")
         return self.backend
 
 
