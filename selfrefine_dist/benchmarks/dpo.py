@@ -165,11 +165,13 @@ class TreeRun:
     peak_pss: int = 0  # bytes, the whole run: summed PSS (a page shared by processes counted once)
 
 
-def run_tree(command: list[str], env: dict, timeout_s: float, trained: Optional[Callable[[], bool]] = None) -> TreeRun:
-    """Run ``command`` and measure its process tree (see ``TreePeakRss``)."""
+def run_tree(command: list[str], env: dict, timeout_s: float, trained: Optional[Callable[[], bool]] = None,
+             interval_s: float = 0.1, pss_every: int = 10) -> TreeRun:
+    """Run ``command`` and measure its process tree (see ``TreePeakRss``: RSS every ``interval_s``, PSS
+    every ``pss_every`` polls)."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-        probe = TreePeakRss(proc.pid, trained)
+        probe = TreePeakRss(proc.pid, trained, interval_s, pss_every)
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

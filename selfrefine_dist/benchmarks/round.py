@@ -28,7 +28,11 @@ the other then finds warm (on a 2-core AMD EPYC ours' first start took 46.7 s co
 ``--no-warmup`` skips it).
 Peak memory is the largest summed RSS of each side's process tree (Ray's own processes included), and the
 largest summed PSS: RSS counts a shared page once per process that maps it (ours' weight sync puts 0.5 GiB
-in the object store's shared memory, which the learner and the sampler both map), PSS once.
+in the object store's shared memory, which the learner and the sampler both map), PSS once. The probe
+polls RSS every 0.5 s and PSS every 5 s (``PROBE``), not the DPO bench's 0.1 s and 1 s: a PSS poll walks
+the page tables of every process (``smaps_rollup``), which took 150 ms of CPU over ours' tree (learner,
+sampler, Ray's own processes) on a 2-core AMD EPYC; at one a second the probe took a fifth of a core
+from the side it measured, ours about twice what it took from plain's one process.
 Prints the stage table per round and the ratios ours / plain (the target: <= 0.5x).
 """
 from __future__ import annotations
@@ -45,6 +49,7 @@ from selfrefine_dist.benchmarks.dpo import GIB, run_tree
 from selfrefine_dist.benchmarks.sampling import VLLM_SCRIPT_ENGINE
 from selfrefine_dist.benchmarks.scratch import scratch_dir
 
+PROBE = {"interval_s": 0.5, "pss_every": 10}  # the memory probe's polls (see the module docstring)
 STAGES = ("start", "sample", "reward + pairs", "reference pass", "DPO steps", "export + sync", "other")
 
 
@@ -208,7 +213,7 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
                     max_new_tokens=cfg.sampler.max_new_tokens, out=str(samples_file))
         t0 = time.perf_counter()
         run = run_tree([sys.executable, "-c", PLAIN_SAMPLE, json.dumps(spec)],
-                       dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0"), args.timeout)
+                       dict(env, VLLM_ENABLE_V1_MULTIPROCESSING="0"), args.timeout, **PROBE)
         sample_wall = time.perf_counter() - t0
         peak = {"rss": max(peak["rss"], run.peak_rss), "pss": max(peak["pss"], run.peak_pss)}
         sampled = result_line(run.proc, "sampling")
@@ -231,7 +236,7 @@ def plain_rounds(cfg, model_path: str, ours_rounds: list[dict], work: Path, args
                           dtype=dtype, out=str(work / f"plain_trainer_{r}"), save_to=str(folder))
         t0 = time.perf_counter()
         run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.dpo", "--_trl", json.dumps(train_spec)],
-                       env, args.timeout)
+                       env, args.timeout, **PROBE)
         train_wall = time.perf_counter() - t0
         peak = {"rss": max(peak["rss"], run.peak_rss), "pss": max(peak["pss"], run.peak_pss)}
         trained = result_line(run.proc, "TRL training")
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds_file = work / "ours_rounds.jsonl"
     run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.round", "--_ours",
                     json.dumps({"overrides": overrides, "rounds_file": str(rounds_file)})], env,
-                   args.timeout * args.rounds)
+                   args.timeout * args.rounds, **PROBE)
     rows = [json.loads(x) for x in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
     if run.proc.returncode != 0 or len(rows) != args.rounds:
         raise RuntimeError(f"ours failed (exit {run.proc.returncode}):\n" + "\n".join(run.proc.stdout.splitlines()[-30:]))
