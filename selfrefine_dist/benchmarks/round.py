@@ -45,6 +45,7 @@ import sys
 import time
 from pathlib import Path
 
+from selfrefine_dist.artifacts import read_jsonl
 from selfrefine_dist.benchmarks.dpo import GIB, run_tree
 from selfrefine_dist.benchmarks.sampling import VLLM_SCRIPT_ENGINE
 from selfrefine_dist.benchmarks.scratch import scratch_dir
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     run = run_tree([sys.executable, "-m", "selfrefine_dist.benchmarks.round", "--_ours",
                     json.dumps({"overrides": overrides, "rounds_file": str(rounds_file)})], env,
                    args.timeout * args.rounds, **PROBE)
-    rows = [json.loads(x) for x in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+    rows = read_jsonl(rounds_file) if rounds_file.exists() else []
     if run.proc.returncode != 0 or len(rows) != args.rounds:
         raise RuntimeError(f"ours failed (exit {run.proc.returncode}):\n" + "\n".join(run.proc.stdout.splitlines()[-30:]))
     ours = ours_stages(rows, started_at)
