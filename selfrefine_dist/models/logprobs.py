@@ -113,10 +113,19 @@ def decoder_hidden_states(model, **inputs):
 
 def accepts_4d_masks(model) -> bool:
     """True when the fused path applies and the attention takes an arbitrary boolean 4D mask
-    (SDPA, eager; flash-attention kernels take only padding masks)."""
+    (SDPA, eager, SDPA per segment; flash-attention kernels take only padding masks)."""
+    from selfrefine_dist.models.segments import NAME as SEGMENTS
+
     if _fused_head(model) is None:
         return False
-    return getattr(_unwrap(model).config, "_attn_implementation", None) in ("sdpa", "eager")
+    return getattr(_unwrap(model).config, "_attn_implementation", None) in ("sdpa", "eager", SEGMENTS)
+
+
+def runs_segment_attention(model) -> bool:
+    """True when the model (or the one a wrapper holds) runs ``models/segments.py``'s per-segment attention."""
+    from selfrefine_dist.models.segments import NAME as SEGMENTS
+
+    return accepts_4d_masks(model) and getattr(_unwrap(model).config, "_attn_implementation", None) == SEGMENTS
 
 
 def _logits_path_logprobs(model, input_ids, attention_mask, targets):

@@ -162,6 +162,10 @@ class Learner:
         ds_cfg = deepspeed_config(self.pairs_per_forward, s.grad_accum * parts, self.world_size, stage,
                                   s.dtype, s.max_grad_norm, s.offload_optimizer and with_optimizer)
         model = load_model(path, ds_cfg, s.trust_remote_code)
+        if s.shared_prompt:
+            from selfrefine_dist.models.segments import enable_segment_attention
+
+            enable_segment_attention(model)  # packed rows of several pairs (``_one_row``); plain SDPA otherwise
         if not with_optimizer:
             return wrap(model, ds_cfg)
         if s.gradient_checkpointing:
@@ -184,6 +188,8 @@ class Learner:
         of the rounds before (the loop's saved tables), replacing what this rank kept; None keeps them.
         Returns one ``DPOStepMetrics`` per optimizer step (averaged over ranks; every rank returns them).
         """
+        from functools import partial
+
         from selfrefine_dist.models.logprobs import accepts_4d_masks
         from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_pairs
         from selfrefine_dist.refine.records import examples_digest
@@ -195,7 +201,7 @@ class Learner:
         t0 = time.perf_counter()
         # Packed rows (prompt once per pair) need the fused head and an attention that takes a 4D mask.
         packed = self.spec.shared_prompt and accepts_4d_masks(self.engine)
-        collate = collate_packed_pairs if packed else collate_pairs
+        collate = partial(collate_packed_pairs, one_row=_one_row(self.engine)) if packed else collate_pairs
         reset_optimizer_state(self.engine)  # each round is a fresh DPO run from the weights the learners hold
         if known_reference_logps is not None and self.spec.reference_path is not None:
             from selfrefine_dist.refine.reference_cache import ReferenceCache
@@ -337,7 +343,7 @@ class Learner:
             was_training = reference.training
             reference.eval()
             packed = self.spec.shared_prompt and accepts_4d_masks(reference)
-            batches = list(reference_batches(groups, packed, pad, self.pairs_per_forward))
+            batches = list(reference_batches(groups, packed, pad, self.pairs_per_forward, _one_row(reference)))
             # A rank with fewer new sequences joins the others' forwards with a filler row: under ZeRO-3
             # every forward gathers weights from all ranks. The count is agreed before any forward.
             forwards = int(self._max_over_ranks(len(batches)))
@@ -489,22 +495,34 @@ def fault_point(point: str) -> None:
 
 
 def head_inputs(model, batch, device: torch.device) -> Optional[HeadInputs]:
-    """``HeadInputs`` (hidden [2B, T, H], lm_head weight [V, H], targets [2B, T]) of a preference batch,
-    or None without a fused head. Row s of ``hidden`` holds the states that predict sequence s's response
-    tokens: from a packed batch (one row per pair) they are gathered by ``batch.positions``."""
+    """``HeadInputs`` (hidden [S, T, H], lm_head weight [V, H], targets [S, T]) of a batch's S response
+    sequences (a preference batch: 2B, chosen first), or None without a fused head. Row s of ``hidden``
+    holds the states that predict sequence s's response tokens: from packed rows (``PackedRows``) they
+    are gathered by ``batch.positions`` (flat indices into the rows' states)."""
     from selfrefine_dist.models.logprobs import causal_hidden_states, decoder_hidden_states
-    from selfrefine_dist.refine.records import PackedPreferenceBatch
+    from selfrefine_dist.refine.records import PackedRows
 
-    if isinstance(batch, PackedPreferenceBatch):
+    if isinstance(batch, PackedRows):
+        segments = {"segments": batch.segments} if batch.segments else {}
         hidden, weight = decoder_hidden_states(model, input_ids=batch.input_ids.to(device),
                                                attention_mask=batch.attention_mask.to(device),
-                                               position_ids=batch.position_ids.to(device))
-        rows = torch.arange(2 * batch.num_pairs, device=device) % batch.num_pairs
-        return HeadInputs(hidden[rows.unsqueeze(1), batch.positions.to(device)], weight, batch.targets.to(device))
+                                               position_ids=batch.position_ids.to(device), **segments)
+        return HeadInputs(hidden.flatten(0, 1)[batch.positions.to(device)], weight, batch.targets.to(device))
     out = causal_hidden_states(model, batch.input_ids.to(device), batch.attention_mask.to(device))
     if out is None:
         return None
     return HeadInputs(out[0], out[1], batch.labels[:, 1:].to(device))
+
+
+def _one_row(model) -> bool:
+    """Whether packed pairs (sequences) go side by side in one row per forward: where the model runs
+    ``models/segments.py``'s per-segment attention, on CPU. There a forward's matmuls run over all of a
+    part's tokens at once (one [tokens x hidden] product, not one per pair), at a higher rate (a 640-row
+    matmul ~1.25x a 160-row one on 2 cores) with no padding. On GPU the rows stay one per pair, padded:
+    the batch dimension fills the device already, and a one-row mask would grow as the row's square."""
+    from selfrefine_dist.models.logprobs import runs_segment_attention
+
+    return runs_segment_attention(model) and not torch.cuda.is_available()
 
 
 def reset_optimizer_state(engine) -> None:
@@ -523,9 +541,9 @@ def reset_optimizer_state(engine) -> None:
 
 def response_lengths(batch) -> torch.Tensor:
     """[2B] response token counts of a preference batch (chosen rows first), packed or not."""
-    from selfrefine_dist.refine.records import PackedPreferenceBatch
+    from selfrefine_dist.refine.records import PackedRows
 
-    if isinstance(batch, PackedPreferenceBatch):
+    if isinstance(batch, PackedRows):
         return (batch.targets != -100).sum(-1)
     return (batch.labels[:, 1:] != -100).sum(-1)
 

@@ -15,7 +15,9 @@ import torch
 
 from selfrefine_dist.data.records import SFTBatch
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceBatch, PreferenceExample, PreferencePair
+from selfrefine_dist.models.segments import segment_spans
+from selfrefine_dist.refine.records import (PackedPreferenceBatch, PackedRows, PreferenceBatch, PreferenceExample,
+                                           PreferencePair)
 
 IGNORE_INDEX = -100
 
@@ -76,40 +78,86 @@ def collate_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> P
                            attention_mask=rows.attention_mask, labels=rows.labels)
 
 
-def collate_packed_pairs(examples: Sequence[PreferenceExample], pad_token_id: int) -> PackedPreferenceBatch:
-    """One row per pair, prompt + chosen + rejected, with the mask and positions that make it compute
+TokenIds = Tuple[int, ...]
+
+
+@dataclass
+class _Segment:
+    """One prompt with one or two responses, laid out as ``PackedRows`` lays a segment out."""
+
+    input_ids: List[int]
+    position_ids: torch.Tensor  # [n]
+    mask: torch.Tensor  # [n, n] bool
+    predictors: List[torch.Tensor]  # per response: [len] indices in the segment of the states predicting it
+    responses: List[TokenIds]
+
+
+def _segment(prompt: TokenIds, responses: Sequence[TokenIds], what: str) -> _Segment:
+    if not prompt or not all(responses):
+        raise ValueError(f"{what}: packing needs a prompt and non-empty responses")
+    p, first = len(prompt), len(responses[0])
+    n = p + sum(len(r) for r in responses)
+    position_ids = torch.cat([torch.arange(p + first)] + [torch.arange(p, p + len(r)) for r in responses[1:]])
+    mask = torch.ones((n, n), dtype=torch.bool).tril_()
+    predictors = [torch.arange(p - 1, p + first - 1)]
+    if len(responses) == 2:
+        mask[p + first:, p:p + first] = False  # the second response does not see the first
+        second = len(responses[1])
+        predictors.append(torch.cat([torch.tensor([p - 1]), torch.arange(p + first, p + first + second - 1)]))
+    return _Segment(list(prompt) + [t for r in responses for t in r], position_ids, mask, predictors, list(responses))
+
+
+def _pack(segments: Sequence[_Segment], order: Sequence[Tuple[int, int]], one_row: bool, pad_token_id: int) -> dict:
+    """``PackedRows`` fields of ``segments``, one row each or all in one row; sequence s of the result
+    is response ``order[s] = (segment, response)``."""
+    lengths = [len(seg.input_ids) for seg in segments]
+    rows, width = (1, sum(lengths)) if one_row else (len(segments), max(lengths))
+    input_ids = torch.full((rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    attention_mask = torch.zeros((rows, 1, width, width), dtype=torch.bool)
+    starts = []  # flat index of each segment's first token
+    for i, (seg, n) in enumerate(zip(segments, lengths)):
+        row, col = (0, sum(lengths[:i])) if one_row else (i, 0)
+        input_ids[row, col:col + n] = torch.tensor(seg.input_ids)
+        position_ids[row, col:col + n] = seg.position_ids
+        attention_mask[row, 0, col:col + n, col:col + n] = seg.mask
+        if not one_row:
+            pad = torch.arange(n, width)
+            attention_mask[row, 0, pad, pad] = True
+        starts.append(row * width + col)
+    span = max(len(segments[i].responses[j]) for i, j in order)
+    positions = torch.zeros((len(order), span), dtype=torch.long)
+    targets = torch.full((len(order), span), IGNORE_INDEX, dtype=torch.long)
+    for s, (i, j) in enumerate(order):
+        response = segments[i].responses[j]
+        positions[s, :len(response)] = starts[i] + segments[i].predictors[j]
+        targets[s, :len(response)] = torch.tensor(response)
+    spans = segment_spans(lengths) if one_row and len(segments) > 1 else ()
+    return dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, positions=positions,
+                targets=targets, segments=spans)
+
+
+def collate_packed_pairs(examples: Sequence[PreferenceExample], pad_token_id: int,
+                         one_row: bool = False) -> PackedPreferenceBatch:
+    """Each pair one segment, prompt + chosen + rejected, with the mask and positions that make it compute
     exactly what two separate sequences would (``PackedPreferenceBatch``). The prompt's forward
     (and backward) runs once instead of twice: prefix sharing, as in Wang et al. 2024,
-    "Accelerating Direct Preference Optimization with Prefix Sharing" (arXiv:2410.20305)."""
-    lengths = [len(ex.prompt_ids) + len(ex.chosen_ids) + len(ex.rejected_ids) for ex in examples]
-    width = max(lengths)
-    span = max(max(len(ex.chosen_ids), len(ex.rejected_ids)) for ex in examples)
-    b = len(examples)
-    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    attention_mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
-    positions = torch.zeros((2 * b, span), dtype=torch.long)
-    targets = torch.full((2 * b, span), IGNORE_INDEX, dtype=torch.long)
-    for row, (ex, n) in enumerate(zip(examples, lengths)):
-        p, c, r = len(ex.prompt_ids), len(ex.chosen_ids), len(ex.rejected_ids)
-        if p == 0 or c == 0 or r == 0:
-            raise ValueError(f"pair {ex.uid}: packing needs a prompt and both responses non-empty")
-        input_ids[row, :n] = torch.tensor(ex.prompt_ids + ex.chosen_ids + ex.rejected_ids)
-        position_ids[row, :p + c] = torch.arange(p + c)
-        position_ids[row, p + c:n] = torch.arange(p, p + r)
-        mask = torch.ones((n, n), dtype=torch.bool).tril_()
-        mask[p + c:, p:p + c] = False  # rejected tokens do not see the chosen response
-        attention_mask[row, 0, :n, :n] = mask
-        pad = torch.arange(n, width)
-        attention_mask[row, 0, pad, pad] = True
-        positions[row, :c] = torch.arange(p - 1, p + c - 1)
-        positions[b + row, 0] = p - 1
-        positions[b + row, 1:r] = torch.arange(p + c, p + c + r - 1)
-        targets[row, :c] = torch.tensor(ex.chosen_ids)
-        targets[b + row, :r] = torch.tensor(ex.rejected_ids)
-    return PackedPreferenceBatch(uids=tuple(ex.uid for ex in examples), input_ids=input_ids,
-                                 position_ids=position_ids, attention_mask=attention_mask, positions=positions,
-                                 targets=targets, unpacked_tokens=sum(ex.num_tokens for ex in examples))
+    "Accelerating Direct Preference Optimization with Prefix Sharing" (arXiv:2410.20305).
+    One row per pair, right-padded; or (``one_row``) all pairs side by side in one row, no padding,
+    for ``models/segments.py``'s per-segment attention: every matmul runs over all the pairs' tokens."""
+    segments = [_segment(ex.prompt_ids, (ex.chosen_ids, ex.rejected_ids), f"pair {ex.uid}") for ex in examples]
+    order = [(i, 0) for i in range(len(examples))] + [(i, 1) for i in range(len(examples))]
+    return PackedPreferenceBatch(**_pack(segments, order, one_row, pad_token_id),
+                                 uids=tuple(ex.uid for ex in examples),
+                                 unpacked_tokens=sum(ex.num_tokens for ex in examples))
+
+
+def collate_packed_sequences(groups: Sequence[Tuple[TokenIds, Sequence[TokenIds]]], pad_token_id: int) -> PackedRows:
+    """(prompt, one or two responses) per segment, all in one row (``PackedRows``): a reference pass's
+    sequences. Sequence order: each segment's responses in turn."""
+    segments = [_segment(prompt, responses, f"sequence group {g}") for g, (prompt, responses) in enumerate(groups)]
+    order = [(i, j) for i, seg in enumerate(segments) for j in range(len(seg.responses))]
+    return PackedRows(**_pack(segments, order, True, pad_token_id))
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     GenerationRequest (sampling) -> GeneratedText -> ScoredPath -> PreferencePair
         -> PreferenceExample (token ids) -> PreferenceBatch / PackedPreferenceBatch (tensors)
-           (the reference pass: each distinct sequence once, packed in pairs or single rows in an SFTBatch)
+           (the reference pass: each distinct sequence once, packed in PackedRows or rows of an SFTBatch)
         -> ReferencedMicroBatch (its parts + reference log-probs) -> HeadInputs -> dpo_loss
         -> DPOStepMetrics (one per optimizer step, back to the driver)
 """
@@ -105,26 +105,39 @@ class PreferenceBatch:
 
 
 @dataclass
-class PackedPreferenceBatch:
-    """B pairs, one row each: prompt + chosen + rejected, so the prompt runs through the model once.
+class PackedRows:
+    """Sequences packed side by side, each (prompt, one or two responses) a segment of a row; the
+    log-probs of every response are gathered from the row's hidden states.
 
-    input_ids, position_ids: [B, L] long, right-padded. Position ids restart after the chosen
-        response: the rejected tokens sit at the positions they would have right after the prompt.
-    attention_mask: [B, 1, L, L] bool, True where a query position may attend: causal, except that
-        rejected tokens never see chosen ones (so each response sees exactly its own sequence).
-        Padding positions attend to themselves only (a row with nothing to attend gives NaN).
-    positions: [2B, T] long: the position in row (s mod B) whose hidden state predicts response
-        token t of sequence s; rows [0, B) chosen, [B, 2B) rejected (as in ``PreferenceBatch``).
-        Both responses' first tokens are predicted from the prompt's last position.
-    targets: [2B, T] long response token ids, -100 after each response's end.
+    input_ids, position_ids: [R, L] long, right-padded. Position ids restart at each segment, and after
+        a segment's first response: a second response sits where it would right after its prompt.
+    attention_mask: [R, 1, L, L] bool, True where a query position may attend: causal within a segment,
+        except that a second response never sees the first (so each response sees exactly its own
+        sequence), nothing across segments. Padding attends to itself only (nothing to attend: NaN).
+    positions: [S, T] long: for response token t of sequence s, the index in the flattened [R * L]
+        hidden states (row * L + column) of the state that predicts it; a segment's responses are
+        predicted first from its prompt's last position.
+    targets: [S, T] long response token ids, -100 after each response's end.
+    segments: (start, end) spans of the one row (R = 1) that attend only within themselves, for
+        ``models/segments.py``'s per-segment attention; () with one segment per row. A hint only:
+        the mask alone gives the same values under any attention.
     """
 
-    uids: Tuple[str, ...]
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     attention_mask: torch.Tensor
     positions: torch.Tensor
     targets: torch.Tensor
+    segments: Tuple[Tuple[int, int], ...]
+
+
+@dataclass
+class PackedPreferenceBatch(PackedRows):
+    """B pairs packed as ``PackedRows``, one segment per pair: prompt + chosen + rejected, so the prompt
+    runs through the model once. Sequences [0, B) are the chosen responses, [B, 2B) the rejected ones
+    (as in ``PreferenceBatch``); one row per pair, or all pairs in one row (``segments``)."""
+
+    uids: Tuple[str, ...]
     unpacked_tokens: int
 
     @property

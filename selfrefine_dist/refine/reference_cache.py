@@ -7,7 +7,7 @@ and looks the pairs' values up by sequence:
 
     cache = ReferenceCache()
     groups = cache.missing(examples)           # [SequenceGroup]: per prompt, the responses not yet known
-    for batch, keys in reference_batches(groups, packed, pad, pairs_per_forward):
+    for batch, keys in reference_batches(groups, packed, pad, pairs_per_forward, one_row):
         cache.store(keys, summed_logps(reference, batch))      # [rows] -> one float per sequence key
     ref_chosen, ref_rejected = cache.pair_logps(micro_batch)  # [B], [B]
 
@@ -34,8 +34,8 @@ import torch
 
 from selfrefine_dist import artifacts
 from selfrefine_dist.data.records import SFTBatch
-from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_sequences
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
+from selfrefine_dist.refine.preference_data import collate_packed_pairs, collate_packed_sequences, collate_sequences
+from selfrefine_dist.refine.records import PackedRows, PreferenceExample
 
 TokenIds = Tuple[int, ...]
 
@@ -94,19 +94,23 @@ class ReferenceCache:
         return torch.tensor(chosen, dtype=torch.float32), torch.tensor(rejected, dtype=torch.float32)
 
 
-ReferenceBatch = Union[PackedPreferenceBatch, SFTBatch]
+ReferenceBatch = Union[PackedRows, SFTBatch]
+# One-row batches (per-segment attention) hold up to this many tokens: a forward keeps one layer's
+# activations at a time, and on a 2-core CPU a 1024-row matmul runs ~1.4x the rate of a 160-row one.
+ROW_TOKENS = 1024
 
 
-def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_id: int,
-                      pairs_per_forward: int) -> Iterator[Tuple[ReferenceBatch, List[bytes]]]:
-    """The unknown sequences as forward batches the size of the training's (``pairs_per_forward`` pairs),
-    each with its sequences' keys in the order its summed log-probs come out (a packed batch: its
-    first responses, then its second ones).
+def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_id: int, pairs_per_forward: int,
+                      one_row: bool = False) -> Iterator[Tuple[ReferenceBatch, List[bytes]]]:
+    """The unknown sequences as forward batches, each with its sequences' keys in the order its summed
+    log-probs come out.
 
-    Packed (``dpo.shared_prompt``): two responses of a prompt share a row (prompt + both, the mask of
-    ``collate_packed_pairs``), so the prompt runs once for both; a prompt's odd response out runs alone,
-    ``pairs_per_forward`` such rows a batch. Unpacked: one sequence per row, ``2 * pairs_per_forward``
-    rows a batch. Single rows are sorted by length, so that a batch pads little.
+    Packed (``dpo.shared_prompt``): two responses of a prompt share a segment (prompt + both, the mask of
+    ``collate_packed_pairs``), so the prompt runs once for both; a prompt's odd response out is a segment
+    of its own. ``one_row`` (per-segment attention, ``models/segments.py``): segments side by side in
+    rows of up to ``ROW_TOKENS`` tokens (``collate_packed_sequences``). Otherwise one segment per row,
+    ``pairs_per_forward`` rows a batch, the size of the training's. Unpacked: one sequence per row,
+    ``2 * pairs_per_forward`` rows a batch. Single rows are sorted by length, so that a batch pads little.
     """
     rows = pairs_per_forward if packed else 2 * pairs_per_forward
     singles: List[Tuple[TokenIds, TokenIds]] = []
@@ -116,6 +120,10 @@ def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_i
         cut = len(responses) - len(responses) % 2 if packed else 0
         twins += [PreferenceExample("", group.prompt_ids, responses[i], responses[i + 1]) for i in range(0, cut, 2)]
         singles += [(group.prompt_ids, response) for response in responses[cut:]]
+    if packed and one_row:
+        yield from _one_row_batches([(ex.prompt_ids, (ex.chosen_ids, ex.rejected_ids)) for ex in twins]
+                                    + [(prompt, (response,)) for prompt, response in singles], pad_token_id)
+        return
     for i in range(0, len(twins), rows):
         part = twins[i:i + rows]
         keys = ([sequence_key(ex.prompt_ids, ex.chosen_ids) for ex in part]
@@ -125,6 +133,22 @@ def reference_batches(groups: Sequence[SequenceGroup], packed: bool, pad_token_i
     for i in range(0, len(singles), rows):
         part = singles[i:i + rows]
         yield collate_sequences(part, pad_token_id), [sequence_key(prompt, response) for prompt, response in part]
+
+
+def _one_row_batches(segments: List[Tuple[TokenIds, Tuple[TokenIds, ...]]],
+                     pad_token_id: int) -> Iterator[Tuple[PackedRows, List[bytes]]]:
+    """Segments in order, as many to a row as fit in ``ROW_TOKENS`` (a longer one alone)."""
+    row: List[Tuple[TokenIds, Tuple[TokenIds, ...]]] = []
+    tokens = 0
+    for segment in segments + [None]:
+        n = 0 if segment is None else len(segment[0]) + sum(len(r) for r in segment[1])
+        if row and (segment is None or tokens + n > ROW_TOKENS):
+            keys = [sequence_key(prompt, response) for prompt, responses in row for response in responses]
+            yield collate_packed_sequences(row, pad_token_id), keys
+            row, tokens = [], 0
+        if segment is not None:
+            row.append(segment)
+            tokens += n
 
 
 def save_table(path: Path, table: Dict[str, float], reference: str, dtype: str) -> None:

@@ -137,7 +137,8 @@ def test_sampler_holds_the_learners_weights_after_sync(trained, tiny_model_dir):
 # ---- layouts that must train identically ---------------------------------------------------------
 # The same pairs, 2 ranks x micro-batches of 4 pairs, two rounds (each a fresh DPO run from the weights
 # the learners hold; the frozen reference is loaded for each round's reference pass and freed after it):
-#   whole   ZeRO-3, the whole micro-batch in one forward (pairs_per_forward 4: one padded batch)
+#   whole   ZeRO-3, the whole micro-batch in one forward (pairs_per_forward 4: one packed row, per-segment
+#           attention on CPU; one padded batch on GPU)
 #   parts   ZeRO-3, one pair per forward (the CPU default): part by part, each a DeepSpeed micro-step
 #   stage0  ZeRO stage 0 (what one CPU learner uses), one pair per forward
 # rpo_alpha is on: its NLL term is normalised over the whole micro-batch, the hardest case for parts.

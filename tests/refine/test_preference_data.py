@@ -1,5 +1,6 @@
 """Pairs -> token ids -> batches -> per-rank plans: what the learners receive."""
 import pytest
+import torch
 
 from selfrefine_dist.data.sft_dataset import render_conversation, render_prompt
 from selfrefine_dist.models.loading import load_tokenizer
@@ -58,14 +59,53 @@ def test_packed_rows_layout():
     assert pad_rows.sum(1).tolist() == [1, 1, 1] and pad_rows[:, 5:].diagonal().all()  # no empty row
     # rows 0, 1 chosen; 2, 3 rejected (of pairs a, b); targets padded with -100
     assert batch.targets.tolist() == [[20, 21, -100], [22, 23, 24], [30, 31, 32], [33, -100, -100]]
+    # positions: flat indices into the [2 x 8] rows (row * 8 + column)
     assert batch.positions[0, :2].tolist() == [2, 3] and batch.positions[2].tolist() == [2, 5, 6]
-    assert batch.positions[1].tolist() == [0, 1, 2] and batch.positions[3, 0].item() == 0
-    for s in range(4):  # each predicting position holds the token just before its target
-        row, seq = s % 2, batch.targets[s]
-        valid = seq != -100
-        previous = batch.input_ids[row, batch.positions[s][valid]]
-        expected = ([a, b][row].prompt_ids[-1:] + (([a, b][row].chosen_ids if s < 2 else [a, b][row].rejected_ids)[:-1]))
-        assert previous.tolist() == list(expected)
+    assert batch.positions[1].tolist() == [8, 9, 10] and batch.positions[3, 0].item() == 8
+    assert batch.segments == ()
+    assert_predicted_from_previous_token(batch, [a, b])
+
+
+def assert_predicted_from_previous_token(batch, pairs):
+    """Each response token's predicting state sits on the token just before it in its own sequence."""
+    flat_ids = batch.input_ids.flatten()
+    for s in range(2 * len(pairs)):
+        pair, valid = pairs[s % len(pairs)], batch.targets[s] != -100
+        response = pair.chosen_ids if s < len(pairs) else pair.rejected_ids
+        assert batch.targets[s][valid].tolist() == list(response)
+        assert flat_ids[batch.positions[s][valid]].tolist() == list(pair.prompt_ids[-1:] + response[:-1])
+
+
+def test_packed_pairs_in_one_row():
+    """one_row: the pairs side by side, no padding; positions restart per pair; the mask is block-diagonal
+    (no pair sees another) and equals each pair's own mask on its block; segments name the blocks."""
+    a = PreferenceExample("a", (10, 11, 12), (20, 21), (30, 31, 32))
+    b = PreferenceExample("b", (13,), (22, 23, 24), (33,))
+    batch = collate_packed_pairs([a, b], pad_token_id=0, one_row=True)
+    alone = [collate_packed_pairs([ex], pad_token_id=0) for ex in (a, b)]
+    assert batch.input_ids.tolist() == [[10, 11, 12, 20, 21, 30, 31, 32, 13, 22, 23, 24, 33]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 3, 1]]
+    assert batch.segments == ((0, 8), (8, 13))
+    mask = batch.attention_mask[0, 0]
+    assert not mask[:8, 8:].any() and not mask[8:, :8].any()
+    assert torch.equal(mask[:8, :8], alone[0].attention_mask[0, 0]) and torch.equal(mask[8:, 8:], alone[1].attention_mask[0, 0])
+    assert batch.num_pairs == 2 and batch.num_tokens == a.num_tokens + b.num_tokens
+    assert batch.positions[1].tolist() == [8, 9, 10] and batch.positions[3, 0].item() == 8
+    assert_predicted_from_previous_token(batch, [a, b])
+
+
+def test_packed_sequences_in_one_row():
+    """A reference pass's segments: a prompt with two responses (the pair mask) or one (causal)."""
+    from selfrefine_dist.refine.preference_data import collate_packed_sequences
+
+    rows = collate_packed_sequences([((10, 11), ((20, 21), (30,))), ((12,), ((22, 23, 24),))], pad_token_id=0)
+    assert rows.input_ids.tolist() == [[10, 11, 20, 21, 30, 12, 22, 23, 24]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2, 3]]
+    assert rows.segments == ((0, 5), (5, 9))
+    assert rows.targets.tolist() == [[20, 21, -100], [30, -100, -100], [22, 23, 24]]
+    assert rows.positions[0, :2].tolist() == [1, 2] and rows.positions[1, 0].item() == 1
+    assert rows.positions[2].tolist() == [5, 6, 7]
+    assert torch.equal(rows.attention_mask[0, 0, 5:, 5:], torch.ones(4, 4, dtype=torch.bool).tril())
 
 
 def test_packing_refuses_an_empty_prompt():

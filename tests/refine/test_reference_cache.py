@@ -14,7 +14,9 @@ from selfrefine_dist.models.loading import load_causal_lm
 from selfrefine_dist.models.logprobs import decoder_hidden_states
 from selfrefine_dist.refine.reference_cache import ReferenceCache, load_tables, reference_batches, save_table
 from selfrefine_dist.refine.reference_cache import sequence_key
-from selfrefine_dist.refine.records import PackedPreferenceBatch, PreferenceExample
+from selfrefine_dist.models.segments import enable_segment_attention
+from selfrefine_dist.refine import reference_cache
+from selfrefine_dist.refine.records import PackedRows, PreferenceExample
 from selfrefine_dist.train.distributed import free_port
 
 
@@ -76,28 +78,42 @@ def plain_logp(model, prompt, response):
 
 
 def batch_logps(model, batch):
-    """[rows] summed log-probs of a reference batch: packed rows through ``positions``, as the learner reads them."""
+    """[rows] summed log-probs of a reference batch: packed rows through ``positions`` (and per-segment
+    attention where the batch names segments), as the learner reads them."""
     with torch.no_grad():
-        if isinstance(batch, PackedPreferenceBatch):
-            hidden, weight = decoder_hidden_states(model, input_ids=batch.input_ids,
-                                                   attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-            rows = torch.arange(2 * batch.num_pairs) % batch.num_pairs
-            return summed_logps(hidden[rows.unsqueeze(1), batch.positions] @ weight.T, batch.targets)
+        if isinstance(batch, PackedRows):
+            segments = {"segments": batch.segments} if batch.segments else {}
+            hidden, weight = decoder_hidden_states(model, input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                                   position_ids=batch.position_ids, **segments)
+            return summed_logps(hidden.flatten(0, 1)[batch.positions] @ weight.T, batch.targets)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return summed_logps(logits[:, :-1], batch.labels[:, 1:])
 
 
-@pytest.mark.parametrize("packed,per_forward", [(True, 1), (True, 2), (False, 1)])
-def test_batches_give_each_sequence_its_own_log_prob(tiny_model_dir, packed, per_forward):
+@pytest.mark.parametrize("packed,per_forward,one_row,row_tokens",
+                         [(True, 1, False, None), (True, 2, False, None), (False, 1, False, None),
+                          (True, 1, True, 1024), (True, 1, True, 15)])
+def test_batches_give_each_sequence_its_own_log_prob(tiny_model_dir, monkeypatch, packed, per_forward, one_row,
+                                                     row_tokens):
+    """Every layout gives each sequence the log-prob of a plain forward of it alone. one_row: the segments
+    side by side (per-segment attention), as many to a row as ROW_TOKENS allows (15: one, then two)."""
     model = load_causal_lm(str(tiny_model_dir), "fp32").eval()
+    if one_row:
+        assert enable_segment_attention(model)
+        monkeypatch.setattr(reference_cache, "ROW_TOKENS", row_tokens)
     prompts = [(5, 9, 14, 3), (7, 2)]
     examples = [PreferenceExample("q1", prompts[0], (11, 12, 13), (21,)),
                 PreferenceExample("q1", prompts[0], (11, 12, 13), (31, 32)),
                 PreferenceExample("q2", prompts[1], (41, 42, 43, 44, 45), (51, 52))]
     groups = ReferenceCache().missing(examples)
-    batches = list(reference_batches(groups, packed, pad_token_id=0, pairs_per_forward=per_forward))
+    batches = list(reference_batches(groups, packed, pad_token_id=0, pairs_per_forward=per_forward, one_row=one_row))
     kinds = [type(b).__name__ for b, _ in batches]
-    if packed:  # q1: three responses, a packed twin and one alone; q2: a twin
+    if one_row:  # segments: q1's twin (8 tokens), q2's twin (9), q1's single (6)
+        assert kinds == ["PackedRows"] * len(batches)
+        assert [b.segments for b, _ in batches] == ([((0, 8), (8, 17), (17, 23))] if row_tokens == 1024
+                                                    else [(), ((0, 9), (9, 15))])
+        assert [b.input_ids.shape[1] for b, _ in batches] == ([23] if row_tokens == 1024 else [8, 15])
+    elif packed:  # q1: three responses, a packed twin and one alone; q2: a twin
         assert kinds.count("PackedPreferenceBatch") == (2 if per_forward == 1 else 1)
         assert kinds.count("SFTBatch") == 1
     else:
@@ -106,7 +122,7 @@ def test_batches_give_each_sequence_its_own_log_prob(tiny_model_dir, packed, per
     assert sorted(keys) == sorted({sequence_key(g.prompt_ids, r) for g in groups for r in g.responses})
     cache = ReferenceCache()
     for batch, ks in batches:
-        assert isinstance(batch, (PackedPreferenceBatch, SFTBatch))
+        assert isinstance(batch, (PackedRows, SFTBatch))
         cache.store(ks, batch_logps(model, batch))
     chosen, rejected = cache.pair_logps(examples)
     want_chosen = [plain_logp(model, ex.prompt_ids, ex.chosen_ids) for ex in examples]
