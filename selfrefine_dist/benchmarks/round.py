@@ -7,8 +7,10 @@ Both sides run the same rounds from the same model: the same questions, K paths 
 tokens, temperature, reward (``refine.reward``), pair strategy, DPO settings, micro-batch, DPO steps and
 precision (``--dtype``; ``auto`` is bf16 where the CPU multiplies bf16 fast). A micro-batch runs as one
 forward on both sides (``--pairs-per-forward``, default the micro-batch): TRL pads its pairs into one
-batch, ours packs them side by side in one row (``models/segments.py``). ``selfrefine``'s own CPU default
-is one pair a forward (``dpo.pairs_per_forward``): less memory, ~1.2x the DPO step time on 2 cores:
+batch, ours packs them side by side in one row (``models/segments.py``). Ours runs its CPU learner for
+speed (``--cpu-memory fast``: freed memory kept for the next step, ``train/memory.py``). ``selfrefine``'s
+own CPU defaults are one pair a forward and ``lean`` memory, for the lowest peak (``benchmarks/dpo.py``),
+each ~1.2x the DPO step time on 2 cores:
 
 * ``ours``   ``SelfRefineLoop`` in one driver process (``refine/driver.py``): a vLLM sampler actor and
              DeepSpeed learner actors in Ray that stay up across rounds; preference batches go to the
@@ -74,7 +76,8 @@ def overrides_for(args, model_path: str, run_dir: Path) -> list[str]:
         f"refine.rounds={args.rounds}", f"refine.pair_strategy={args.pair_strategy}",
         f"refine.max_pairs_per_question={args.max_pairs_per_question}", "refine.reward=outcome",
         "refine.probe_questions=0", f"refine.num_learners={args.num_learners}", "refine.eval_every_round=false",
-        f"distributed.zero_stage={args.zero_stage}", f"ray.num_cpus={max(4, args.cpus + args.num_learners)}",
+        f"distributed.zero_stage={args.zero_stage}", f"distributed.cpu_memory={args.cpu_memory}",
+        f"ray.num_cpus={max(4, args.cpus + args.num_learners)}",
         "logging.wandb_mode=disabled", "logging.progress_bars=false",
     ]
 
@@ -317,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="pairs per micro-batch and learner")
     parser.add_argument("--pairs-per-forward", type=int, default=None,
                         help="ours' pairs per forward (dpo.pairs_per_forward); default: the micro-batch, as TRL runs it")
+    parser.add_argument("--cpu-memory", default="fast", choices=["fast", "lean"],
+                        help="ours' distributed.cpu_memory (selfrefine's default: lean)")
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--num-learners", type=int, default=1)
     parser.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3],
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(None, overrides)
     print(f"# Round benchmark: {args.model} {resolve_dtype(args.dtype)}, {args.questions} {args.task} questions x "
           f"{args.samples} paths x {args.max_new_tokens} tokens, {args.pair_strategy} pairs, micro-batch "
-          f"{args.micro_batch} ({args.pairs_per_forward or args.micro_batch} a forward), "
+          f"{args.micro_batch} ({args.pairs_per_forward or args.micro_batch} a forward, cpu_memory {args.cpu_memory}), "
           f"{args.num_learners} learner(s) ZeRO-{args.zero_stage}, {args.rounds} rounds, "
           f"{os.cpu_count()} cores")
     print(f"command: python -m selfrefine_dist.benchmarks.round {' '.join(argv if argv is not None else sys.argv[1:])}",

@@ -147,6 +147,10 @@ class DistributedConfig:
     zero_stage: Optional[int] = None
     offload_optimizer: bool = False
     master_port: int = 0  # 0: pick a free port
+    # CPU learners: lean gives freed memory back to the OS after every optimizer step (lowest peak); fast
+    # keeps it for the next step and gives it back at the end of each round (~1.2x faster DPO steps, ~1.6x
+    # faster reference pass on a 2-core CPU, ~2% more peak memory). See train/memory.py.
+    cpu_memory: str = choice("lean", "lean", "fast")
 
 
 @dataclass
@@ -255,7 +259,9 @@ class DPOConfig:
     epochs: int = 1
     micro_batch_size: int = 2  # pairs per micro-batch per learner
     # Pairs per forward/backward inside a micro-batch (a divisor of micro_batch_size); null: 1 on CPU, the
-    # whole micro-batch on GPU. The micro-batch's loss and gradient do not depend on it.
+    # whole micro-batch on GPU. The micro-batch's loss and gradient do not depend on it. On CPU a forward's
+    # pairs sit side by side in one packed row (per-segment attention): more pairs a forward, faster steps
+    # (2 cores: 4 pairs ~0.8x the time of 1 each) and more activation memory.
     pairs_per_forward: Optional[int] = None
     grad_accum: int = 1
     lr: float = 5.0e-7

@@ -68,10 +68,7 @@ class SelfRefineLoop:
         self.questions, self.samplers, self.logger, self.ledger = questions, samplers, logger, ledger
         self.evaluate, self.validate = evaluate, validate
         self.dtype = resolve_dtype(cfg.model.dtype)
-        tok = load_tokenizer(sft_model, cfg.model.trust_remote_code)
-        self.tokenizer = tok
-        self.prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "cot")) for ex in questions}
-        self.direct_prompts = {ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, "direct")) for ex in questions}
+        self._text: Optional[tuple] = None  # (tokenizer, CoT prompts, direct prompts): see ``text``
         self.model_fps: Dict[int, str] = {0: sft_fp}  # policy version -> fingerprint of its weights
         self.learners: Optional[LearnerGroup] = None
         self.learners_at: Optional[str] = None  # fingerprint of the weights the learner group holds
@@ -80,6 +77,29 @@ class SelfRefineLoop:
         if start == "auto":
             start = "while_sampling" if cfg.refine.gpus_per_learner > 0 else "with_samplers"
         self.learner_start = start
+
+    # ---- the policy's tokenizer and the questions' prompts -------------------------------
+    def text(self) -> tuple:
+        """(tokenizer, uid -> chat-rendered CoT prompt, uid -> direct prompt), built on first use. Loading
+        the tokenizer is transformers' import (~4 s of one core on a 2-core CPU): ``start_learners`` has it
+        done while the first engines and learners start, which leave a core idle."""
+        if self._text is None:
+            tok = load_tokenizer(self.sft_model, self.cfg.model.trust_remote_code)
+            self._text = (tok, *({ex.uid: render_prompt(tok, get_task(ex.task).user_prompt(ex, style))
+                                  for ex in self.questions} for style in ("cot", "direct")))
+        return self._text
+
+    @property
+    def tokenizer(self):
+        return self.text()[0]
+
+    @property
+    def prompts(self) -> Dict[str, str]:
+        return self.text()[1]
+
+    @property
+    def direct_prompts(self) -> Dict[str, str]:
+        return self.text()[2]
 
     # ---- the rounds ---------------------------------------------------------------------
     def run(self) -> List[dict]:
@@ -235,6 +255,7 @@ class SelfRefineLoop:
         elif not self.samplers.started and not self.ledger.is_done(samples):
             self.samplers.start()  # the sampler actors build their engines ...
             self.learner_group(r - 1, wait=False)  # ... while the learners load their policy
+            self.text()  # ... and this process its tokenizer
             self.samplers.ready()
             self.learners.ready()  # sampling starts with nothing else on the cores
 
@@ -379,6 +400,7 @@ def learner_spec(cfg: Config, sft_model: str, world_size: int, policy_path: Opti
         label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
         fused_loss=d.fused_loss, shared_prompt=d.shared_prompt,
         seed=cfg.run.seed, threads=learner_threads(world_size), pairs_per_forward=d.pairs_per_forward,
+        cpu_memory=cfg.distributed.cpu_memory,
     )
 
 

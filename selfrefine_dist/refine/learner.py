@@ -39,7 +39,7 @@ import torch
 from selfrefine_dist.refine.records import DPOStepMetrics, HeadInputs, ReferencedMicroBatch
 from selfrefine_dist.train.engine import (AdamWSettings, grad_norm, load_model, optimizer_step, resolve_per_forward,
                                           set_lr, wrap)
-from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss
+from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss, trim_heap
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,10 @@ class LearnerSpec:
     seed: int
     threads: int  # torch threads on CPU
     # Pairs per forward/backward inside a micro-batch (a divisor of micro_batch_size). None: one on
-    # CPU (matmuls need no batch there; no padding, activations of one pair), the whole micro-batch
-    # on GPU.
+    # CPU (no padding, activations of one pair; several go side by side in one packed row, faster), the
+    # whole micro-batch on GPU.
     pairs_per_forward: Optional[int] = None
+    cpu_memory: str = "lean"  # distributed.cpu_memory (train/memory.py)
 
 
 class Learner:
@@ -109,7 +110,7 @@ class Learner:
 
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def connect(self, master_addr: str, master_port: int, backend: str, threads: int) -> None:
+    def connect(self, master_addr: str, master_port: int, backend: str, threads: int, cpu_memory: str = "lean") -> None:
         """Join the learners' process group (rank 0 listens at ``master_addr:master_port``); once."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if not torch.cuda.is_available():
@@ -117,7 +118,7 @@ class Learner:
             torch.set_num_threads(threads)
         from selfrefine_dist.train import distributed as dist
 
-        dist.init_distributed(backend)
+        dist.init_distributed(backend, cpu_memory)
 
     def train_sft(self, config_file: str, run_dir: str) -> str:
         """SFT as ``selfrefine sft`` runs it under torchrun (the same ``run_sft``: engine, optimizer,
@@ -133,7 +134,7 @@ class Learner:
         """The DPO policy engine from ``spec.policy_path`` (replacing any engine this rank holds)."""
         from selfrefine_dist.models.loading import load_tokenizer
 
-        self.connect(master_addr, master_port, spec.backend, spec.threads)
+        self.connect(master_addr, master_port, spec.backend, spec.threads, spec.cpu_memory)
         if self.engine is not None:
             self.engine.destroy()
             self.engine = None
@@ -250,6 +251,8 @@ class Learner:
                 print(f"dpo round {round_idx} step {step + 1}/{len(steps)}: loss {metrics.loss:.4f} "
                       f"margin {metrics.rewards_margins:.3f} acc {metrics.rewards_accuracies:.2f} "
                       f"{metrics.tokens_per_s:.0f} tok/s", flush=True)
+        if not torch.cuda.is_available():
+            trim_heap()  # the round's freed activations back to the OS while the samplers run (cpu_memory: fast)
         return history
 
     def _train_micro_batch(self, micro: ReferencedMicroBatch):
@@ -361,6 +364,8 @@ class Learner:
                 reference.destroy()
             del reference
             gc.collect()
+            if not torch.cuda.is_available():
+                trim_heap()  # the reference's weights and the pass's activations (kept in the heap when fast)
         return [[cache.pair_logps(micro) for micro in step] for step in shard]
 
     def computed_reference_logps(self) -> Dict[str, float]:

@@ -10,7 +10,7 @@ import socket
 
 import torch
 
-from selfrefine_dist.train.memory import bound_cpu_kernel_caches, return_large_blocks_to_os
+from selfrefine_dist.train.memory import bound_cpu_kernel_caches, set_cpu_memory
 
 
 def free_port() -> int:
@@ -25,8 +25,9 @@ def resolve_backend(backend: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str = "auto") -> None:
-    """Initialise torch.distributed through DeepSpeed, once."""
+def init_distributed(backend: str = "auto", cpu_memory: str = "lean") -> None:
+    """Initialise torch.distributed through DeepSpeed, once; on CPU, apply ``distributed.cpu_memory``
+    (``train/memory.py``) and bound the kernel caches."""
     import deepspeed
 
     if not torch.distributed.is_initialized():
@@ -37,7 +38,7 @@ def init_distributed(backend: str = "auto") -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     else:  # weights, gradients and optimizer state live in host memory: give back what is freed
-        return_large_blocks_to_os()
+        set_cpu_memory(cpu_memory)
         bound_cpu_kernel_caches()
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from selfrefine_dist.train.chunked_step import chunk_the_step
-from selfrefine_dist.train.memory import trim_heap
+from selfrefine_dist.train.memory import trim_after_step
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,15 @@ def set_lr(engine, lr: float) -> None:
 def optimizer_step(engine) -> None:
     """``engine.step()`` (a micro-step; the optimizer steps at the accumulation boundary), keeping the
     gradient norm where DeepSpeed keeps none: ZeRO stage 0 in fp32 runs the torch optimizer unwrapped,
-    its gradients already reduced over ranks here. On CPU the heap is trimmed after each optimizer step."""
+    its gradients already reduced over ranks here. On CPU the heap is trimmed after each optimizer step
+    under ``distributed.cpu_memory: lean``."""
     boundary = engine.is_gradient_accumulation_boundary()
     if engine.optimizer is engine.basic_optimizer and boundary:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         engine.selfrefine_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
     engine.step()
     if boundary and not torch.cuda.is_available():
-        trim_heap()  # the step's freed activations and gradient copies, back to the OS before the next peak
+        trim_after_step()  # lean: the step's freed activations and gradient copies back to the OS
 
 
 def grad_norm(engine) -> float:

@@ -97,7 +97,7 @@ def build_engine(cfg: Config, num_examples: int):
 
 def run_sft(cfg: Config, run_dir: Path) -> Path:
     """Train, checkpoint, resume, export. Returns the exported model folder."""
-    dist.init_distributed(cfg.distributed.backend)
+    dist.init_distributed(cfg.distributed.backend, cfg.distributed.cpu_memory)
     torch.manual_seed(cfg.run.seed)
     out_dir = Path(run_dir) / "sft"
     ckpt_dir, model_dir = out_dir / "checkpoints", out_dir / "model"

@@ -46,6 +46,44 @@ def test_freed_blocks_go_back_to_the_os_with_the_fixed_threshold_or_a_trim():
     assert without["trimmed"] is True and without["released_by_trim_mib"] > 150  # until malloc_trim
 
 
+MODES = r"""
+import json, sys
+import torch
+from selfrefine_dist.train.memory import set_cpu_memory, trim_after_step, trim_heap
+set_cpu_memory(sys.argv[1])
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+blocks = [torch.ones(1 << 19) for _ in range(200)]  # 200 blocks of 2 MiB, touched: a step's activations
+held = rss()
+del blocks[::2]
+freed = rss()
+after_step = trim_after_step()
+stepped = rss()
+trim_heap()  # the end of a round
+print(json.dumps({"released_mib": (held - freed) / 2**20, "trimmed_after_step": after_step,
+                  "released_after_step_mib": (freed - stepped) / 2**20, "released_by_round_mib": (stepped - rss()) / 2**20}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cpu_memory_modes_free_at_once_or_keep_blocks_for_the_next_step():
+    """lean: 2 MiB blocks are mapped on their own, freed at once, and the heap is trimmed after each step;
+    fast: they stay in the heap for the next step's activations until the round's trim."""
+    runs = {mode: json.loads(subprocess.run([sys.executable, "-c", MODES, mode], capture_output=True, text=True,
+                                            check=True).stdout.strip().splitlines()[-1]) for mode in ("lean", "fast")}
+    assert runs["lean"]["released_mib"] > 150 and runs["lean"]["trimmed_after_step"] is True
+    assert runs["fast"]["released_mib"] < 50 and runs["fast"]["trimmed_after_step"] is False
+    assert runs["fast"]["released_after_step_mib"] < 50 and runs["fast"]["released_by_round_mib"] > 150
+
+
+def test_unknown_cpu_memory_mode_names_the_key():
+    from selfrefine_dist.train.memory import set_cpu_memory
+
+    with pytest.raises(ValueError, match="distributed.cpu_memory: 'small' is not one of"):
+        set_cpu_memory("small")
+
+
 def test_peak_rss_rises_with_an_allocation_and_resets():
     reset_peak_rss()
     before = peak_rss_bytes()
