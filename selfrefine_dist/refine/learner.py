@@ -346,7 +346,11 @@ class Learner:
             was_training = reference.training
             reference.eval()
             packed = self.spec.shared_prompt and accepts_4d_masks(reference)
-            batches = list(reference_batches(groups, packed, pad, self.pairs_per_forward, _one_row(reference)))
+            # Rows of many segments hold larger activations: under cpu_memory lean each one is a fresh mapping
+            # the pass faults in (2-core EPYC, round-1 twins: 18-20 s in rows of 1024 tokens against 16.4 s one
+            # pair a row; fast: 12.1 s against 15-16 s), so one-row reference batches go with fast.
+            one_row = _one_row(reference) and self.spec.cpu_memory == "fast"
+            batches = list(reference_batches(groups, packed, pad, self.pairs_per_forward, one_row))
             # A rank with fewer new sequences joins the others' forwards with a filler row: under ZeRO-3
             # every forward gathers weights from all ranks. The count is agreed before any forward.
             forwards = int(self._max_over_ranks(len(batches)))

@@ -30,8 +30,8 @@ def return_large_blocks_to_os(threshold_bytes: int = LARGE_BLOCK_BYTES) -> bool:
 #   fast  blocks under 64 MiB from the heap, kept for the next step's activations, the heap trimmed at
 #         the end of each round's training. Every lean step page-faults its activations in again: on a
 #         2-core AMD EPYC (fp32, SmolLM2-135M, 4 pairs a forward) 1.5 s of kernel time a 5 s step, against
-#         0.4 s (steps ~1.2x faster; the reference pass, a forward per packed row, ~1.6x); the DPO bench's
-#         peak 3.60 GiB against 3.54.
+#         0.4 s (steps ~1.2x faster); the DPO bench's peak 3.60 GiB against 3.54. The reference pass packs
+#         its sequences in rows of 1024 tokens only under fast (``refine/learner.py``).
 CPU_MEMORY_MODES = {"lean": 1 << 20, "fast": 64 << 20}  # mode -> mmap threshold (bytes)
 _trim_each_step = True
 
