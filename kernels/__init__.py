@@ -8,6 +8,8 @@
 - ``fused_linear_preference_loss(hidden, lm_head_weight, targets, pair_loss)``: a DPO-family
   loss from hidden states, its gradients computed in the forward (three matmuls, not four).
 - ``reference``: the plain torch definitions both are tested against.
+- ``decoder_ops``: ``rms_norm`` and ``silu_mul``, autograd functions that keep fewer activations
+  for the backward than the Hugging Face modules they stand in for (``models/lean_activations.py``).
 
 Triton runs on CUDA tensors; CPU tensors take an equivalent chunked torch path.
 """

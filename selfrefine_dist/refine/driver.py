@@ -33,7 +33,7 @@ from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.data.sft_dataset import render_prompt
 from selfrefine_dist.data.tasks import get_task
 from selfrefine_dist.models.loading import load_tokenizer, resolve_dtype
-from selfrefine_dist.refine.learner import LearnerSpec, learner_threads
+from selfrefine_dist.refine.learner import learner_spec
 from selfrefine_dist.refine.learner_group import LearnerDied, LearnerGroup
 from selfrefine_dist.refine.pairs import build_pairs
 from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
@@ -384,24 +384,6 @@ class SelfRefineLoop:
             self.learners.shutdown()
             self.learners = None
             self.learners_at = None
-
-
-def learner_spec(cfg: Config, sft_model: str, world_size: int, policy_path: Optional[str] = None) -> LearnerSpec:
-    """The learners' settings from the config: the policy starts from ``policy_path`` (default: the SFT model)."""
-    d = cfg.dpo
-    return LearnerSpec(
-        policy_path=policy_path or sft_model, reference_path=sft_model if d.reference == "sft" else None,
-        dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code,
-        backend=cfg.distributed.backend, zero_stage=cfg.distributed.zero_stage,
-        offload_optimizer=cfg.distributed.offload_optimizer, micro_batch_size=d.micro_batch_size,
-        grad_accum=d.grad_accum, lr=d.lr, weight_decay=d.weight_decay, adam_betas=tuple(d.adam_betas),
-        warmup_steps=d.warmup_steps, lr_schedule=d.lr_schedule, max_grad_norm=d.max_grad_norm,
-        gradient_checkpointing=d.gradient_checkpointing, beta=d.beta, loss_type=d.loss_type,
-        label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
-        fused_loss=d.fused_loss, shared_prompt=d.shared_prompt,
-        seed=cfg.run.seed, threads=learner_threads(world_size), pairs_per_forward=d.pairs_per_forward,
-        cpu_memory=cfg.distributed.cpu_memory,
-    )
 
 
 def learner_env(num_learners: int) -> Dict[str, str]:

@@ -32,7 +32,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +40,9 @@ from selfrefine_dist.refine.records import DPOStepMetrics, HeadInputs, Reference
 from selfrefine_dist.train.engine import (AdamWSettings, grad_norm, load_model, optimizer_step, resolve_per_forward,
                                           set_lr, wrap)
 from selfrefine_dist.train.memory import GIB, peak_rss_bytes, reset_peak_rss, trim_heap
+
+if TYPE_CHECKING:
+    from selfrefine_dist.config import Config
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class LearnerSpec:
     lr_schedule: str
     max_grad_norm: float
     gradient_checkpointing: bool
+    lean_activations: bool  # model.lean_activations: the policy's RMSNorm and MLP keep fewer activations
     beta: float
     loss_type: str
     label_smoothing: float
@@ -171,6 +175,10 @@ class Learner:
             return wrap(model, ds_cfg)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if s.lean_activations:
+            from selfrefine_dist.models.lean_activations import use_lean_activations
+
+            use_lean_activations(model)
         return wrap(model, ds_cfg, AdamWSettings(s.lr, tuple(s.adam_betas), s.weight_decay))
 
     def restore(self, ckpt_root: str, round_idx: int) -> None:  # ``selfrefine dpo`` checkpoints
@@ -598,3 +606,25 @@ def same_folder(a: Optional[str], b: Optional[str]) -> bool:
 def learner_threads(world_size: int) -> int:
     """Torch threads per CPU learner: its share of this machine's cores, at least one."""
     return max(1, (os.cpu_count() or 1) // max(world_size, 1))
+
+
+def learner_spec(cfg: Config, sft_model: str, world_size: int, policy_path: Optional[str] = None) -> LearnerSpec:
+    """The learners' settings from the config: the policy starts from ``policy_path`` (default: the SFT model).
+    Used by the loop's driver and by ``selfrefine dpo`` (which imports no Ray)."""
+    from selfrefine_dist.models.loading import resolve_dtype
+
+    d = cfg.dpo
+    return LearnerSpec(
+        policy_path=policy_path or sft_model, reference_path=sft_model if d.reference == "sft" else None,
+        dtype=resolve_dtype(cfg.model.dtype), trust_remote_code=cfg.model.trust_remote_code,
+        lean_activations=cfg.model.lean_activations,
+        backend=cfg.distributed.backend, zero_stage=cfg.distributed.zero_stage,
+        offload_optimizer=cfg.distributed.offload_optimizer, micro_batch_size=d.micro_batch_size,
+        grad_accum=d.grad_accum, lr=d.lr, weight_decay=d.weight_decay, adam_betas=tuple(d.adam_betas),
+        warmup_steps=d.warmup_steps, lr_schedule=d.lr_schedule, max_grad_norm=d.max_grad_norm,
+        gradient_checkpointing=d.gradient_checkpointing, beta=d.beta, loss_type=d.loss_type,
+        label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha, average_log_prob=d.average_log_prob,
+        fused_loss=d.fused_loss, shared_prompt=d.shared_prompt,
+        seed=cfg.run.seed, threads=learner_threads(world_size), pairs_per_forward=d.pairs_per_forward,
+        cpu_memory=cfg.distributed.cpu_memory,
+    )

@@ -34,8 +34,7 @@ def read_pairs(path: str) -> list:
 
 def run_dpo(cfg: Config, run_dir: Path) -> Path:
     from selfrefine_dist.models.loading import load_tokenizer
-    from selfrefine_dist.refine.driver import learner_spec
-    from selfrefine_dist.refine.learner import Learner
+    from selfrefine_dist.refine.learner import Learner, learner_spec
     from selfrefine_dist.refine.preference_data import plan_round, tokenize_pairs
     from selfrefine_dist.train.distributed import free_port
 

@@ -95,15 +95,15 @@ def set_lr(engine, lr: float) -> None:
 def optimizer_step(engine) -> None:
     """``engine.step()`` (a micro-step; the optimizer steps at the accumulation boundary), keeping the
     gradient norm where DeepSpeed keeps none: ZeRO stage 0 in fp32 runs the torch optimizer unwrapped,
-    its gradients already reduced over ranks here. On CPU the heap is trimmed after each optimizer step
-    under ``distributed.cpu_memory: lean``."""
+    its gradients already reduced over ranks here. On CPU the heap is trimmed after every micro-step
+    under ``distributed.cpu_memory: lean`` (``train/memory.py``)."""
     boundary = engine.is_gradient_accumulation_boundary()
     if engine.optimizer is engine.basic_optimizer and boundary:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         engine.selfrefine_grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else float("nan")
     engine.step()
-    if boundary and not torch.cuda.is_available():
-        trim_after_step()  # lean: the step's freed activations and gradient copies back to the OS
+    if not torch.cuda.is_available():
+        trim_after_step()  # lean: the micro-step's freed activations back to the OS before the next forward
 
 
 def grad_norm(engine) -> float:

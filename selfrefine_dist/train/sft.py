@@ -82,6 +82,10 @@ def build_engine(cfg: Config, num_examples: int):
                        cfg.model.revision)
     if cfg.sft.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.model.lean_activations:
+        from selfrefine_dist.models.lean_activations import use_lean_activations
+
+        use_lean_activations(model)
     if cfg.sft.lora.enabled:
         from peft import LoraConfig, get_peft_model
 

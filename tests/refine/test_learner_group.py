@@ -21,12 +21,12 @@ from selfrefine_dist.sampling.weights import expected_checksums
 pytestmark = pytest.mark.slow
 
 
-def spec_for(model_dir, reference_path, lr=2e-3, micro_batch_size=2):
+def spec_for(model_dir, reference_path, lr=2e-3, micro_batch_size=2, lean_activations=True):
     return LearnerSpec(
         policy_path=str(model_dir), reference_path=reference_path, dtype="fp32", trust_remote_code=False,
         backend="gloo", zero_stage=3, offload_optimizer=False, micro_batch_size=micro_batch_size, grad_accum=1, lr=lr,
         weight_decay=0.0, adam_betas=(0.9, 0.95), warmup_steps=0, lr_schedule="constant", max_grad_norm=1.0,
-        gradient_checkpointing=False, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=None,
+        gradient_checkpointing=False, lean_activations=lean_activations, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=None,
         average_log_prob=None, fused_loss=True, shared_prompt=True, seed=0, threads=1,
     )
 
@@ -143,9 +143,12 @@ def test_sampler_holds_the_learners_weights_after_sync(trained, tiny_model_dir):
 #   stage0  ZeRO stage 0 (what one CPU learner uses), one pair per forward
 # rpo_alpha is on: its NLL term is normalised over the whole micro-batch, the hardest case for parts.
 #   bf16    the parts layout in bf16 (what dtype: auto picks where the CPU multiplies bf16 fast)
+#   modules the parts layout with the model's own RMSNorm and MLP modules (every other layout runs
+#           model.lean_activations, kernels/decoder_ops.py)
 LAYOUTS = {"whole": dict(zero_stage=3, pairs_per_forward=4), "parts": dict(zero_stage=3, pairs_per_forward=1),
            "stage0": dict(zero_stage=0, pairs_per_forward=1), "bf16": dict(zero_stage=3, pairs_per_forward=1,
-                                                                           dtype="bf16")}
+                                                                           dtype="bf16"),
+           "modules": dict(zero_stage=3, pairs_per_forward=1, lean_activations=False)}
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +184,7 @@ def test_freed_and_reloaded_reference_gives_the_same_log_probs(layouts):
         assert run["rounds"][1][0]["logps/chosen"] != pytest.approx(run["rounds"][0][0]["logps/chosen"], rel=1e-4)
 
 
-@pytest.mark.parametrize("name", ["parts", "stage0"])
+@pytest.mark.parametrize("name", ["parts", "stage0", "modules"])
 def test_layouts_train_like_the_whole_micro_batch(layouts, name, tiny_model_dir):
     want, got = layouts["whole"], layouts[name]
     # Round 1 starts from the same weights; round 2 from weights after 4 Adam steps, which carry the

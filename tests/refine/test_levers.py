@@ -9,7 +9,8 @@ import pytest
 from selfrefine_dist.config import load_config
 from selfrefine_dist.data.records import ReasoningExample
 from selfrefine_dist.pipeline import choose_final
-from selfrefine_dist.refine.driver import SelfRefineLoop, learner_spec
+from selfrefine_dist.refine.driver import SelfRefineLoop
+from selfrefine_dist.refine.learner import learner_spec
 from selfrefine_dist.sampling.records import SamplingStats
 from selfrefine_dist.stage_specs import round_temperature
 
@@ -20,6 +21,9 @@ def test_reference_choice_reaches_the_learners():
     assert spec.reference_path == "/runs/x/sft/model" and spec.policy_path == "/runs/x/rounds/round_01/model"
     prev = learner_spec(load_config("configs/demo_cpu.yaml", ["dpo.reference=previous_round"]), "/m", 2)
     assert prev.reference_path is None and prev.policy_path == "/m"  # None: the policy at the start of the round
+    assert spec.lean_activations is True
+    plain = learner_spec(load_config("configs/demo_cpu.yaml", ["model.lean_activations=false"]), "/m", 2)
+    assert plain.lean_activations is False  # the model's own RMSNorm and MLP modules
 
 
 class RecordingPool:

@@ -1,6 +1,7 @@
-"""train/engine.py: a one-rank stage-0 engine without DeepSpeed's gradient all-reduce trains bit for bit
-like DeepSpeed's own engine with it (fp32, and bf16 with the chunked step), and never runs the bucketed
-all-reduce; a ZeRO-1 engine keeps it. The engines run in one fresh process (one rank, gloo)."""
+"""train/engine.py: a one-rank stage-0 engine without DeepSpeed's gradient all-reduce, stepped by
+``optimizer_step``, trains bit for bit like DeepSpeed's own engine with it (fp32, and bf16 with the chunked
+step), never runs the bucketed all-reduce, and trims the heap after every micro-step (cpu_memory lean); a
+ZeRO-1 engine keeps the all-reduce. The engines run in one fresh process (one rank, gloo)."""
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ import torch
 from selfrefine_dist.train.chunked_step import chunk_the_step
 from selfrefine_dist.train.distributed import init_distributed
 from selfrefine_dist.train.ds_config import deepspeed_config
-from selfrefine_dist.train.engine import AdamWSettings, load_model, skip_lone_allreduce, wrap
+import selfrefine_dist.train.engine as engine_module
+from selfrefine_dist.train.engine import AdamWSettings, load_model, optimizer_step, skip_lone_allreduce, wrap
 import deepspeed
+
+trims = []
+trim = engine_module.trim_after_step
+engine_module.trim_after_step = lambda: trims.append(trim())  # counts the calls, still trims
 
 model_dir, dtype = sys.argv[1], sys.argv[2]
 init_distributed()
@@ -53,14 +59,14 @@ for micro in range(6):  # 3 optimizer steps of 2 micro-batches
     for eng in (ours, theirs):
         loss = eng(input_ids=ids, labels=ids).loss
         eng.backward(loss)
-        eng.step()
+        optimizer_step(eng) if eng is ours else eng.step()
 weights_equal = all(torch.equal(a, b) for a, b in zip(ours.module.parameters(), theirs.module.parameters()))
 moved = max(float((a.float() - b.float()).abs().max()) for a, b in
             zip(ours.module.parameters(), load_model(model_dir, config, False).parameters()))
 zero1 = deepspeed_config(micro_batch_size=2, grad_accum=2, world_size=1, zero_stage=1, dtype=dtype, max_grad_norm=1.0)
 stage1 = wrap(load_model(model_dir, zero1, trust_remote_code=False), zero1, settings)
 print(json.dumps({"weights_equal": weights_equal, "moved": moved, "ours": seen["ours"]["calls"],
-                  "theirs": seen["theirs"]["calls"], "ours_allreduce": ours.enable_backward_allreduce,
+                  "theirs": seen["theirs"]["calls"], "trims": trims, "ours_allreduce": ours.enable_backward_allreduce,
                   "stage1_allreduce": stage1.enable_backward_allreduce, "stage1_skipped": skip_lone_allreduce(stage1)}))
 """
 
@@ -75,4 +81,5 @@ def test_a_lone_stage0_rank_skips_the_allreduce_and_trains_the_same_weights(tiny
     assert result["weights_equal"]
     assert result["theirs"] == 3 and result["ours"] == 0  # one bucketed all-reduce per optimizer step, or none
     assert result["ours_allreduce"] is False
+    assert result["trims"] == [True] * 6  # after each of the 6 micro-steps, not only the 3 optimizer steps
     assert result["stage1_allreduce"] is True and result["stage1_skipped"] is False
