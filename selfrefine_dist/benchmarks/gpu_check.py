@@ -318,7 +318,8 @@ def section_dpo(profile: Profile, work: Path) -> dict:
         policy_path=str(work / "model"), reference_path=None, dtype=dtype, trust_remote_code=False,
         backend="nccl" if profile.device == "cuda" else "gloo", zero_stage=3, offload_optimizer=False,
         micro_batch_size=profile.micro_batch, grad_accum=1, lr=5.0e-7, weight_decay=0.0, adam_betas=(0.9, 0.95),
-        warmup_steps=0, lr_schedule="constant", max_grad_norm=1.0, gradient_checkpointing=False, lean_activations=True, beta=0.1,
+        warmup_steps=0, lr_schedule="constant", max_grad_norm=1.0, gradient_checkpointing=False,
+        lean_activations=True, beta=0.1,
         loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=None, average_log_prob=None, fused_loss=True,
         shared_prompt=True, seed=0, threads=os.cpu_count() or 1,
     )
